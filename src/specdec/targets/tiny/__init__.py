@@ -1,0 +1,1 @@
+"""The tiny embedded target: a small Qwen3 chat model trained on the Python standard library."""
