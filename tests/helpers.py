@@ -11,6 +11,8 @@ from transformers import (
     PreTrainedModel,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 VOCAB = 96
@@ -32,6 +34,9 @@ def tiny_random_target(family: str, num_layers: int = 4, tie_word_embeddings: bo
     torch.manual_seed(0)
     if family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))
+    elif family == "qwen3_moe":
+        config = Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, **common)
+        model = Qwen3MoeForCausalLM(config)
     elif family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif family == "gemma4":
@@ -50,4 +55,4 @@ def tiny_random_target(family: str, num_layers: int = 4, tie_word_embeddings: bo
     return model.eval()
 
 
-FAMILIES = ("qwen3", "llama", "gemma4")
+FAMILIES = ("qwen3", "qwen3_moe", "llama", "gemma4")

@@ -89,3 +89,14 @@ def test_directory_without_weights_is_a_clear_error(tmp_path):
     tiny_random_target("qwen3").config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no safetensors weights"):
         read_target_head(tmp_path)
+
+
+def test_multimodal_checkpoints_pick_the_language_model_embedding():
+    keys = [
+        "model.vision_tower.patch_embedder.embed_tokens.weight",
+        "model.embed_vision.embed_tokens.weight",
+        "model.language_model.embed_tokens_per_layer.weight",
+        "model.language_model.embed_tokens.weight",
+    ]
+    assert weights._pick_embedding_key(keys, "checkpoint") == "model.language_model.embed_tokens.weight"
+    assert weights._pick_lm_head_key(keys) is None

@@ -1,0 +1,141 @@
+"""Attention for drafters: KV injection of target context, with a dense-mask SDPA reference and flex attention.
+
+DSpark block queries attend the shared target context strictly before their anchor and every slot of their
+own block (bidirectionally). The dense boolean mask runs forward and backward on any device; the flex
+BlockMask encodes the same rule for CUDA, where it skips fully masked tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb, rotate_half
+
+from specdec.drafters.config import DSparkConfig
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - torch builds without flex attention
+    BlockMask = None
+    create_block_mask = flex_attention = None
+
+AttentionMask = torch.Tensor | None  # a dense bool mask [B, 1, Q, KV], a BlockMask, or None (attend all)
+
+
+def dspark_dense_mask(anchors: torch.Tensor, keep: torch.Tensor, context_length: int, block_size: int) -> torch.Tensor:
+    """[B, 1, N*K, S + N*K] bool: context keys before the block's anchor (kept blocks only) + own block."""
+    num_blocks = anchors.shape[1]
+    device = anchors.device
+    query_block = torch.arange(num_blocks * block_size, device=device) // block_size  # [Q]
+    kv = torch.arange(context_length + num_blocks * block_size, device=device)  # [KV]
+    anchor_of_query = anchors[:, query_block]  # [B, Q]
+    keep_of_query = keep[:, query_block]
+    context = (kv[None, None, :] < anchor_of_query[:, :, None]) & keep_of_query[:, :, None]
+    context &= (kv < context_length)[None, None, :]
+    own_block = (kv[None, :] >= context_length) & ((kv[None, :] - context_length) // block_size == query_block[:, None])
+    return (context | own_block[None]).unsqueeze(1)
+
+
+def dspark_mask_mod(anchors: torch.Tensor, keep: torch.Tensor, context_length: int, block_size: int) -> Callable:
+    """The same rule as ``dspark_dense_mask``, as a flex-attention mask_mod."""
+
+    def mask_mod(b, h, q, kv):
+        block = q // block_size
+        context = (kv < context_length) & (kv < anchors[b, block]) & keep[b, block]
+        own_block = (kv >= context_length) & ((kv - context_length) // block_size == block)
+        return context | own_block
+
+    return mask_mod
+
+
+def dspark_block_mask(anchors: torch.Tensor, keep: torch.Tensor, context_length: int, block_size: int):
+    """Flex BlockMask for DSpark training blocks (CUDA fast path)."""
+    if create_block_mask is None:
+        raise RuntimeError("this torch build has no flex attention; use attention_backend='sdpa'")
+    batch, num_blocks = anchors.shape
+    query_length = num_blocks * block_size
+    return create_block_mask(
+        dspark_mask_mod(anchors, keep, context_length, block_size),
+        B=batch,
+        H=None,
+        Q_LEN=query_length,
+        KV_LEN=context_length + query_length,
+        device=anchors.device,
+    )
+
+
+@cache
+def _compiled_flex_attention() -> Callable:
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def choose_attention_backend(requested: str, device: torch.device) -> str:
+    """``auto`` picks flex attention on CUDA (when available) and the dense SDPA reference elsewhere."""
+    if requested != "auto":
+        return requested
+    return "flex" if device.type == "cuda" and flex_attention is not None else "sdpa"
+
+
+def attend(query, key, value, mask, scale: float) -> torch.Tensor:
+    """Scaled dot-product attention with GQA; ``mask`` is a dense bool mask, a BlockMask, or None."""
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        run = _compiled_flex_attention() if query.is_cuda else flex_attention
+        return run(query, key, value, block_mask=mask, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+class KVInjectionAttention(nn.Module):
+    """Queries from block tokens; keys/values from the shared target context followed by the block.
+
+    The same q/k/v projections serve context and block, and the context is never updated across layers.
+    """
+
+    def __init__(self, config: DSparkConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = config.head_dim**-0.5
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def _heads(self, x: torch.Tensor, projection: nn.Linear, norm: nn.Module | None = None) -> torch.Tensor:
+        states = projection(x).view(*x.shape[:-1], -1, self.head_dim)
+        if norm is not None:
+            states = norm(states)
+        return states.transpose(1, 2)  # [B, heads, T, D]
+
+    def context_key_values(self, context: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        """Keys (normed, rotated) and values of context positions, reusable across blocks at inference."""
+        keys = self._heads(context, self.k_proj, self.k_norm)
+        values = self._heads(context, self.v_proj)
+        cos, sin = rotary
+        keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
+        return keys, values
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        block_rotary: tuple[torch.Tensor, torch.Tensor],
+        context_keys: torch.Tensor,
+        context_values: torch.Tensor,
+        mask: AttentionMask,
+    ) -> torch.Tensor:
+        query = self._heads(hidden, self.q_proj, self.q_norm)
+        keys = self._heads(hidden, self.k_proj, self.k_norm)
+        values = self._heads(hidden, self.v_proj)
+        cos, sin = block_rotary
+        query, keys = apply_rotary_pos_emb(query, keys, cos, sin)
+        keys = torch.cat([context_keys, keys], dim=2)
+        values = torch.cat([context_values, values], dim=2)
+        output = attend(query, keys, values, mask, self.scaling)
+        return self.o_proj(output.transpose(1, 2).reshape(*hidden.shape[:-1], -1))

@@ -1,0 +1,195 @@
+"""HF-style config of DSpark / DFlash drafters, derived from the target's config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import PretrainedConfig, Qwen3Config
+
+from specdec.targets.geometry import TargetGeometry
+from specdec.targets.layers import validate_layer_ids
+
+MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+ANCHOR_CONVENTIONS = ("deepspec", "zlab")
+BLOCK_STYLES = ("qwen3", "gemma4")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+
+
+class DSparkConfig(PretrainedConfig):
+    """A DSpark drafter: block-parallel draft layers with target-context KV injection.
+
+    ``markov_rank = 0`` and no confidence head make it DFlash. Sizes default to the target's (as DeepSpec);
+    ``hidden_size`` may differ from ``target_hidden_size``, in which case small projections bridge the
+    frozen target embedding / LM head and the draft width.
+    """
+
+    model_type = "specdec_dspark"
+
+    def __init__(
+        self,
+        vocab_size: int = 4096,
+        hidden_size: int = 256,
+        intermediate_size: int = 768,
+        num_hidden_layers: int = 1,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        head_dim: int = 64,
+        rms_norm_eps: float = 1e-6,
+        rope_parameters: dict[str, Any] | None = None,
+        max_position_embeddings: int = 4096,
+        hidden_act: str = "silu",
+        attention_bias: bool = False,
+        target_hidden_size: int | None = None,
+        target_layer_ids: Sequence[int] = (0,),
+        target_num_hidden_layers: int | None = None,
+        target_model_type: str = "qwen3",
+        block_size: int = 7,
+        mask_token_id: int = 0,
+        num_anchors: int = 512,
+        anchor_convention: str = "deepspec",
+        markov_rank: int = 256,
+        markov_head_type: str = "vanilla",
+        enable_confidence_head: bool = True,
+        confidence_head_with_markov: bool = True,
+        block_style: str = "qwen3",
+        embedding_multiplier: float = 1.0,
+        final_logit_softcapping: float | None = None,
+        attention_backend: str = "auto",
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+        self.max_position_embeddings = max_position_embeddings
+        self.hidden_act = hidden_act
+        self.attention_bias = attention_bias
+        self.target_hidden_size = target_hidden_size or hidden_size
+        self.target_layer_ids = list(target_layer_ids)
+        self.target_num_hidden_layers = target_num_hidden_layers
+        self.target_model_type = target_model_type
+        self.block_size = block_size
+        self.mask_token_id = mask_token_id
+        self.num_anchors = num_anchors
+        self.anchor_convention = anchor_convention
+        self.markov_rank = markov_rank
+        self.markov_head_type = markov_head_type
+        self.enable_confidence_head = enable_confidence_head
+        self.confidence_head_with_markov = confidence_head_with_markov
+        self.block_style = block_style
+        self.embedding_multiplier = embedding_multiplier
+        self.final_logit_softcapping = final_logit_softcapping
+        self.attention_backend = attention_backend
+        self.initializer_range = initializer_range
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse inconsistent settings with the field name in the message."""
+        choices = {
+            "markov_head_type": (self.markov_head_type, MARKOV_HEAD_TYPES),
+            "anchor_convention": (self.anchor_convention, ANCHOR_CONVENTIONS),
+            "block_style": (self.block_style, BLOCK_STYLES),
+            "attention_backend": (self.attention_backend, ATTENTION_BACKENDS),
+        }
+        for field, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"DSparkConfig.{field} = {value!r}; expected one of {allowed}")
+        if self.block_size < 2 and self.anchor_convention == "zlab":
+            raise ValueError("DSparkConfig.block_size must be >= 2 with the zlab anchor convention")
+        if self.block_size < 1:
+            raise ValueError(f"DSparkConfig.block_size = {self.block_size}; must be >= 1")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("DSparkConfig.num_attention_heads must be a multiple of num_key_value_heads")
+        if self.markov_rank < 0:
+            raise ValueError(f"DSparkConfig.markov_rank = {self.markov_rank}; must be >= 0")
+        if self.target_num_hidden_layers is not None:
+            validate_layer_ids(self.target_layer_ids, self.target_num_hidden_layers)
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"DSparkConfig.mask_token_id = {self.mask_token_id} is outside the vocabulary")
+
+    @property
+    def num_predictions(self) -> int:
+        """Draft tokens per block: all B slots (DeepSpec) or the B - 1 mask slots (z-lab DFlash)."""
+        return self.block_size if self.anchor_convention == "deepspec" else self.block_size - 1
+
+    @property
+    def first_prediction_slot(self) -> int:
+        return 0 if self.anchor_convention == "deepspec" else 1
+
+    @property
+    def is_dflash(self) -> bool:
+        return self.markov_rank == 0 and not self.enable_confidence_head
+
+    def backbone_config(self) -> Qwen3Config:
+        """A Qwen3 config with the draft's sizes, for the HF building blocks (norms, MLP, rotary)."""
+        return Qwen3Config(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=dict(self.rope_parameters),
+            max_position_embeddings=self.max_position_embeddings,
+            hidden_act=self.hidden_act,
+            attention_bias=self.attention_bias,
+        )
+
+    @classmethod
+    def from_target(
+        cls,
+        target_config: PretrainedConfig,
+        target_layer_ids: Sequence[int],
+        *,
+        num_hidden_layers: int = 5,
+        mask_token_id: int,
+        **overrides: Any,
+    ) -> DSparkConfig:
+        """Draft config sized like the target (DeepSpec's default); any field can be overridden."""
+        geometry = TargetGeometry.from_config(target_config)
+        text = target_config.get_text_config()
+        gemma = geometry.model_type.startswith("gemma")
+        fields: dict[str, Any] = dict(
+            vocab_size=geometry.vocab_size,
+            hidden_size=geometry.hidden_size,
+            intermediate_size=geometry.intermediate_size,
+            num_attention_heads=geometry.num_attention_heads,
+            num_key_value_heads=geometry.num_key_value_heads,
+            head_dim=geometry.head_dim,
+            rms_norm_eps=geometry.rms_norm_eps,
+            rope_parameters=_single_rope(geometry.rope_parameters),
+            max_position_embeddings=geometry.max_position_embeddings,
+            hidden_act=getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", "silu"),
+            target_hidden_size=geometry.hidden_size,
+            target_layer_ids=list(validate_layer_ids(target_layer_ids, geometry.num_hidden_layers)),
+            target_num_hidden_layers=geometry.num_hidden_layers,
+            target_model_type=geometry.model_type,
+            num_hidden_layers=num_hidden_layers,
+            mask_token_id=mask_token_id,
+            block_style="gemma4" if gemma else "qwen3",
+            embedding_multiplier=geometry.embedding_multiplier,
+            final_logit_softcapping=geometry.final_logit_softcapping,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _single_rope(rope_parameters: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer-type rope dicts (Gemma) collapse to the full-attention entry; flat dicts pass through."""
+    if "rope_type" in rope_parameters or "rope_theta" in rope_parameters:
+        return dict(rope_parameters)
+    for key in ("full_attention", "sliding_attention"):
+        if key in rope_parameters:
+            return dict(rope_parameters[key])
+    return {"rope_type": "default", "rope_theta": 10000.0}
