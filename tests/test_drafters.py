@@ -305,3 +305,37 @@ def test_eagle3_ttt_steps_equal_sequential_chain():
         torch.testing.assert_close(drafter.logits(out1[:, -1]), output.draft_logits[1][:, t], rtol=1e-5, atol=1e-5)
         out2, _ = drafter.step(out1, input_ids[:, t + 3 : t + 4], torch.tensor([[t + 2]]), past1, None)
         torch.testing.assert_close(drafter.logits(out2[:, -1]), output.draft_logits[2][:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k_eq_v", [False, True])
+def test_gemma4_style_drafter_from_target(k_eq_v):
+    from tests.helpers import tiny_random_target
+
+    target = tiny_random_target("gemma4")
+    target.config.attention_k_eq_v = k_eq_v
+    target.config.final_logit_softcapping = 30.0
+    config = DSparkConfig.from_target(
+        target.config, [0, 1], num_hidden_layers=2, mask_token_id=3, num_anchors=4, block_size=3, markov_rank=8
+    )
+    assert config.block_style == "gemma4" and config.attention_k_eq_v == k_eq_v
+    assert config.embedding_multiplier == pytest.approx(HIDDEN**0.5) and config.final_logit_softcapping == 30.0
+    torch.manual_seed(0)
+    drafter = DSparkDrafter(config).eval()
+    assert (drafter.layers[0].self_attn.v_proj is None) == k_eq_v
+    assert hasattr(drafter.layers[0], "post_feedforward_layernorm") and drafter.layers[0].layer_scalar.item() == 1.0
+    vocab = config.vocab_size
+    drafter.attach_target_head(
+        TargetHead(target.model.embed_tokens.weight.detach(), target.lm_head.weight.detach(), False, "e", "h")
+    )
+    generator = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(4, vocab, (1, 16), generator=generator)
+    loss_mask = torch.ones(1, 16, dtype=torch.bool)
+    loss_mask[:, :5] = False
+    features = torch.randn(1, 16, 2 * HIDDEN, generator=generator)
+    output = drafter(input_ids, features, loss_mask, torch.randn(1, 16, HIDDEN), generator=generator)
+    assert output.draft_logits.abs().max() <= 30.0
+    anchor = int(output.blocks.anchors[0, 1])
+    hidden = drafter.block_hidden(input_ids[:, anchor], anchor, features[:, :anchor], drafter.new_cache())
+    prev = torch.gather(input_ids, 1, output.blocks.label_positions[:, 1] - 1)
+    logits = drafter.target_head.logits(hidden) + drafter.markov_inputs(hidden, prev)[0]
+    torch.testing.assert_close(logits, output.draft_logits[:, 1], rtol=1e-5, atol=1e-5)

@@ -13,7 +13,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb, rotate_half
+from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, rotate_half
 
 from specdec.drafters.config import DSparkConfig
 
@@ -92,21 +93,27 @@ class KVInjectionAttention(nn.Module):
     """Queries from block tokens; keys/values from the shared target context followed by the block.
 
     The same q/k/v projections serve context and block, and the context is never updated across layers.
+    Gemma 4-style blocks normalise values (without scale), attend with scaling 1.0, and may reuse the key
+    projection as values (``attention_k_eq_v``).
     """
 
     def __init__(self, config: DSparkConfig) -> None:
         super().__init__()
+        gemma = config.block_style == "gemma4"
+        norm = Gemma4RMSNorm if gemma else Qwen3RMSNorm
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.scaling = config.head_dim**-0.5
+        self.scaling = 1.0 if gemma else config.head_dim**-0.5
         hidden, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        share_keys = gemma and config.attention_k_eq_v
+        self.v_proj = None if share_keys else nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
-        self.q_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.k_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.q_norm = norm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = norm(self.head_dim, eps=config.rms_norm_eps)
+        self.v_norm = Gemma4RMSNorm(self.head_dim, eps=config.rms_norm_eps, with_scale=False) if gemma else None
 
     def _heads(self, x: torch.Tensor, projection: nn.Linear, norm: nn.Module | None = None) -> torch.Tensor:
         states = projection(x).view(*x.shape[:-1], -1, self.head_dim)
@@ -114,13 +121,18 @@ class KVInjectionAttention(nn.Module):
             states = norm(states)
         return states.transpose(1, 2)  # [B, heads, T, D]
 
-    def context_key_values(self, context: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
-        """Keys (normed, rotated) and values of context positions, reusable across blocks at inference."""
-        keys = self._heads(context, self.k_proj, self.k_norm)
-        values = self._heads(context, self.v_proj)
+    def _keys_values(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        raw_keys = self.k_proj(x).view(*x.shape[:-1], -1, self.head_dim)
+        raw_values = raw_keys if self.v_proj is None else self.v_proj(x).view(*x.shape[:-1], -1, self.head_dim)
+        keys = self.k_norm(raw_keys).transpose(1, 2)
+        values = (self.v_norm(raw_values) if self.v_norm is not None else raw_values).transpose(1, 2)
         cos, sin = rotary
         keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
         return keys, values
+
+    def context_key_values(self, context: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        """Keys (normed, rotated) and values of context positions, reusable across blocks at inference."""
+        return self._keys_values(context, rotary)
 
     def forward(
         self,
@@ -131,10 +143,9 @@ class KVInjectionAttention(nn.Module):
         mask: AttentionMask,
     ) -> torch.Tensor:
         query = self._heads(hidden, self.q_proj, self.q_norm)
-        keys = self._heads(hidden, self.k_proj, self.k_norm)
-        values = self._heads(hidden, self.v_proj)
         cos, sin = block_rotary
-        query, keys = apply_rotary_pos_emb(query, keys, cos, sin)
+        query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
+        keys, values = self._keys_values(hidden, block_rotary)
         keys = torch.cat([context_keys, keys], dim=2)
         values = torch.cat([context_values, values], dim=2)
         output = attend(query, keys, values, mask, self.scaling)

@@ -55,6 +55,7 @@ class DSparkConfig(PretrainedConfig):
         block_style: str = "qwen3",
         embedding_multiplier: float = 1.0,
         final_logit_softcapping: float | None = None,
+        attention_k_eq_v: bool = False,
         attention_backend: str = "auto",
         initializer_range: float = 0.02,
         **kwargs: Any,
@@ -86,6 +87,7 @@ class DSparkConfig(PretrainedConfig):
         self.block_style = block_style
         self.embedding_multiplier = embedding_multiplier
         self.final_logit_softcapping = final_logit_softcapping
+        self.attention_k_eq_v = attention_k_eq_v
         self.attention_backend = attention_backend
         self.initializer_range = initializer_range
         kwargs.setdefault("tie_word_embeddings", False)
@@ -109,6 +111,8 @@ class DSparkConfig(PretrainedConfig):
             raise ValueError(f"DSparkConfig.block_size = {self.block_size}; must be >= 1")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("DSparkConfig.num_attention_heads must be a multiple of num_key_value_heads")
+        if self.attention_k_eq_v and self.block_style != "gemma4":
+            raise ValueError("DSparkConfig.attention_k_eq_v needs block_style='gemma4'")
         if self.markov_rank < 0:
             raise ValueError(f"DSparkConfig.markov_rank = {self.markov_rank}; must be >= 0")
         if self.target_num_hidden_layers is not None:
@@ -166,11 +170,12 @@ class DSparkConfig(PretrainedConfig):
             intermediate_size=geometry.intermediate_size,
             num_attention_heads=geometry.num_attention_heads,
             num_key_value_heads=geometry.num_key_value_heads,
-            head_dim=geometry.head_dim,
+            head_dim=_global_head_dim(text) if gemma else geometry.head_dim,
             rms_norm_eps=geometry.rms_norm_eps,
             rope_parameters=_single_rope(geometry.rope_parameters),
             max_position_embeddings=geometry.max_position_embeddings,
             hidden_act=getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", "silu"),
+            attention_k_eq_v=bool(getattr(text, "attention_k_eq_v", False)) if gemma else False,
             target_hidden_size=geometry.hidden_size,
             target_layer_ids=list(validate_layer_ids(target_layer_ids, geometry.num_hidden_layers)),
             target_num_hidden_layers=geometry.num_hidden_layers,
@@ -183,6 +188,18 @@ class DSparkConfig(PretrainedConfig):
         )
         fields.update(overrides)
         return cls(**fields)
+
+
+def _global_head_dim(text_config: PretrainedConfig) -> int:
+    """Gemma 4 full-attention layers may use a wider head than sliding ones; the drafter uses the global one."""
+    per_layer = getattr(text_config, "per_layer_config", None)
+    for index, layer_type in enumerate(getattr(text_config, "layer_types", None) or []):
+        if layer_type == "full_attention" and per_layer is not None:
+            try:
+                return int(per_layer[index].head_dim)
+            except (KeyError, IndexError, AttributeError, TypeError):
+                break
+    return getattr(text_config, "global_head_dim", None) or text_config.head_dim
 
 
 def _single_rope(rope_parameters: dict[str, Any]) -> dict[str, Any]:

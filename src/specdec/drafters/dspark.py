@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from specdec.decoding.sampling import draw, token_probabilities
@@ -29,18 +30,34 @@ from specdec.targets.weights import TargetHead
 
 
 class DSparkDecoderLayer(nn.Module):
-    """Qwen3-style pre-norm block whose attention also reads the injected target context."""
+    """Pre-norm block whose attention also reads the injected target context.
+
+    Qwen3 style: ``x + Attn(norm(x))`` then ``x + MLP(norm(x))``. Gemma 4 style adds sandwich norms (the
+    attention and MLP outputs are normed before their residual add) and a per-layer output scalar.
+    """
 
     def __init__(self, config: DSparkConfig) -> None:
         super().__init__()
-        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.sandwich = config.block_style == "gemma4"
+        norm = Gemma4RMSNorm if self.sandwich else Qwen3RMSNorm
+        hidden = config.hidden_size
+        self.input_layernorm = norm(hidden, eps=config.rms_norm_eps)
         self.self_attn = KVInjectionAttention(config)
-        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = norm(hidden, eps=config.rms_norm_eps)
         self.mlp = Qwen3MLP(config.backbone_config())
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm(hidden, eps=config.rms_norm_eps)
+            self.post_feedforward_layernorm = norm(hidden, eps=config.rms_norm_eps)
+            self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, hidden, block_rotary, context_keys, context_values, mask) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), block_rotary, context_keys, context_values, mask)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attended = self.self_attn(self.input_layernorm(hidden), block_rotary, context_keys, context_values, mask)
+        if not self.sandwich:
+            hidden = hidden + attended
+            return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden + self.post_attention_layernorm(attended)
+        hidden = hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+        return hidden * self.layer_scalar
 
 
 @dataclass
@@ -94,9 +111,12 @@ class DSparkDrafter(DSparkPreTrainedModel):
         super().__init__(config)
         num_features = len(config.target_layer_ids) * config.target_hidden_size
         self.fc = nn.Linear(num_features, config.hidden_size, bias=False)
-        self.hidden_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hidden_norm = (Gemma4RMSNorm if config.block_style == "gemma4" else Qwen3RMSNorm)(
+            config.hidden_size, eps=config.rms_norm_eps
+        )
         self.layers = nn.ModuleList(DSparkDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        norm = Gemma4RMSNorm if config.block_style == "gemma4" else Qwen3RMSNorm
+        self.norm = norm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3RotaryEmbedding(config.backbone_config())
         self.target_head = FrozenTargetHead(config)
         self.markov_head = build_markov_head(config)
