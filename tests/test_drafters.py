@@ -339,3 +339,38 @@ def test_gemma4_style_drafter_from_target(k_eq_v):
     prev = torch.gather(input_ids, 1, output.blocks.label_positions[:, 1] - 1)
     logits = drafter.target_head.logits(hidden) + drafter.markov_inputs(hidden, prev)[0]
     torch.testing.assert_close(logits, output.draft_logits[:, 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_flex_attention_forward_equals_dense_reference_on_cpu():
+    from specdec.drafters.attention import attend, dspark_block_mask
+    from specdec.drafters.eagle3 import ttt_block_mask
+
+    loss_mask = torch.ones(2, 40, dtype=torch.bool)
+    loss_mask[:, :5] = False
+    anchors, keep, _ = sample_anchors(loss_mask, 6, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 4, 24, 8, generator=generator)
+    keys = torch.randn(2, 2, 64, 8, generator=generator)
+    values = torch.randn(2, 2, 64, 8, generator=generator)
+    flex = attend(query, keys, values, dspark_block_mask(anchors, keep, 40, 4), 0.3)
+    dense = attend(query, keys, values, dspark_dense_mask(anchors, keep, 40, 4), 0.3)
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+    step_query = torch.randn(1, 4, 10, 8, generator=generator)
+    step_keys, step_values = torch.randn(2, 1, 2, 30, 8, generator=generator)
+    flex = attend(step_query, step_keys, step_values, ttt_block_mask(10, 2, torch.device("cpu")), 0.3)
+    dense = attend(step_query, step_keys, step_values, ttt_dense_mask(10, 2), 0.3)
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_flex_training_forward_and_backward_equal_dense_on_cuda():
+    outputs = {}
+    for backend in ("sdpa", "flex"):
+        drafter = tiny_dspark(attention_backend=backend).cuda()
+        batch = [tensor.cuda() for tensor in toy_batch(length=160)]
+        output = drafter(*batch, generator=torch.Generator().manual_seed(0))
+        output.draft_logits.float().logsumexp(-1).mean().backward()
+        outputs[backend] = (output.draft_logits.detach(), drafter.fc.weight.grad.clone())
+    torch.testing.assert_close(outputs["flex"][0], outputs["sdpa"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outputs["flex"][1], outputs["sdpa"][1], rtol=1e-3, atol=1e-5)
