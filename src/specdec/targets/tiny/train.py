@@ -256,7 +256,7 @@ def train_tiny_target(output_dir: Path, recipe: TinyTargetRecipe | None = None) 
 def model_card(summary: dict) -> str:
     recipe = summary["recipe"]
     samples = "\n\n".join(
-        f"**Prompt:** {s['prompt'].splitlines()[0]}\n\n```text\n{s['answer']}\n```" for s in summary["samples"]
+        f"**Prompt:** {s['prompt'].splitlines()[0]}\n\n````text\n{s['answer']}\n````" for s in summary["samples"]
     )
     return f"""# specdec tiny target
 
