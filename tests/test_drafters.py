@@ -374,3 +374,14 @@ def test_flex_training_forward_and_backward_equal_dense_on_cuda():
         outputs[backend] = (output.draft_logits.detach(), drafter.fc.weight.grad.clone())
     torch.testing.assert_close(outputs["flex"][0], outputs["sdpa"][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outputs["flex"][1], outputs["sdpa"][1], rtol=1e-3, atol=1e-5)
+
+
+def test_saved_drafters_load_through_auto_classes(tmp_path):
+    from transformers import AutoModel
+
+    drafter = tiny_dspark()
+    drafter.save_pretrained(tmp_path / "dspark")
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "dspark"), DSparkDrafter)
+    eagle = Eagle3Drafter(Eagle3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, head_dim=8))
+    eagle.save_pretrained(tmp_path / "eagle3")
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "eagle3"), Eagle3Drafter)
