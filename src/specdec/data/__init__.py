@@ -1,0 +1,34 @@
+"""Data: prompt import, chat templates and loss masks."""
+
+from specdec.data.chat import (
+    AssistantTurn,
+    ChatTemplateError,
+    RenderedConversation,
+    TokenizedConversation,
+    TokenizeSummary,
+    render_conversation,
+    tokenize_conversation,
+    tokenize_conversations,
+)
+from specdec.data.conversations import Conversation, InvalidConversation, Message, Provenance, validate_messages
+from specdec.data.prompts import ImportSummary, Rejection, iter_conversations, read_conversations
+
+__all__ = [
+    "AssistantTurn",
+    "ChatTemplateError",
+    "Conversation",
+    "ImportSummary",
+    "InvalidConversation",
+    "Message",
+    "Provenance",
+    "Rejection",
+    "RenderedConversation",
+    "TokenizeSummary",
+    "TokenizedConversation",
+    "iter_conversations",
+    "read_conversations",
+    "render_conversation",
+    "tokenize_conversation",
+    "tokenize_conversations",
+    "validate_messages",
+]
