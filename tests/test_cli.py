@@ -14,7 +14,7 @@ def run_specdec(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_subcommands():
     result = run_specdec("--help")
     assert result.returncode == 0, result.stderr
-    for subcommand in ("demo", "target"):
+    for subcommand in ("demo", "cache", "target"):
         assert subcommand in result.stdout
 
 
@@ -42,3 +42,22 @@ def test_target_info_reports_geometry():
     result = run_specdec("target", "info", "--layer_ids", "[0, 2, 4]")
     assert result.returncode == 0, result.stderr
     assert '"num_hidden_layers": 6' in result.stdout and '"layer_ids": [' in result.stdout
+
+
+def test_cache_estimate_reports_deepspec_reference_and_codecs():
+    result = run_specdec(
+        "cache",
+        "estimate",
+        "--hidden_size",
+        "2560",
+        "--layer_ids",
+        "[1, 9, 17, 25, 33]",
+        "--num_samples",
+        "1000",
+        "--avg_tokens",
+        "1000",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "30,726" in result.stdout and "fp8_e4m3" in result.stdout
+    missing = run_specdec("cache", "estimate", "--num_layers", "3")
+    assert missing.returncode == 2 and "--hidden_size" in missing.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 from jsonargparse import auto_cli
 
 from specdec.demo import demo
-from specdec.targets import TINY_TARGET, LayerIdError
+from specdec.targets import TINY_TARGET
 
 
 def target_info(target: str = TINY_TARGET, layer_ids: list[int] | None = None) -> None:
@@ -47,8 +47,61 @@ def train_tiny_target(output_dir: Path, steps: int = 1800, seed: int = 0) -> Non
     print(f"held-out perplexity {summary['heldout_perplexity']:.2f} (unigram {summary['unigram_perplexity']:.1f})")
 
 
+def cache_estimate(
+    target: str | None = None,
+    hidden_size: int | None = None,
+    layer_ids: list[int] | None = None,
+    num_layers: int | None = None,
+    tokens: int | None = None,
+    num_samples: int | None = None,
+    avg_tokens: float | None = None,
+    supervised_fraction: float = 0.6,
+) -> None:
+    """Print bytes/token and total size of a target cache per codec, next to DeepSpec's layout, before building.
+
+    Args:
+        target: a target (``specdec-tiny``, local directory or hub id) to read the hidden size from its config.
+        hidden_size: the target hidden size, when no target is given.
+        layer_ids: captured layer ids (their count is the number of feature layers).
+        num_layers: number of captured layers, when layer_ids is not given.
+        tokens: total tokens of the data set (give two of tokens, num_samples, avg_tokens).
+        num_samples: number of samples.
+        avg_tokens: average tokens per sample.
+        supervised_fraction: share of tokens under the loss mask (only those store a last hidden state).
+    """
+    from specdec.data.cache_estimate import compare_layouts, format_estimates
+
+    if target is not None:
+        from transformers import AutoConfig
+
+        from specdec.targets import TargetGeometry, resolve_target, validate_layer_ids
+
+        geometry = TargetGeometry.from_config(AutoConfig.from_pretrained(resolve_target(target).path))
+        hidden_size = geometry.hidden_size
+        if layer_ids is not None:
+            validate_layer_ids(layer_ids, geometry.num_hidden_layers)
+    if hidden_size is None:
+        raise ValueError("give --target or --hidden_size")
+    count = len(layer_ids) if layer_ids is not None else num_layers
+    if count is None:
+        raise ValueError("give --layer_ids or --num_layers")
+    estimates = compare_layouts(
+        hidden_size,
+        count,
+        tokens=tokens,
+        num_samples=num_samples,
+        avg_tokens=avg_tokens,
+        supervised_fraction=supervised_fraction,
+    )
+    print(format_estimates(estimates))
+
+
 COMMANDS = {
     "demo": demo,
+    "cache": {
+        "_help": "Target-cache tools.",
+        "estimate": cache_estimate,
+    },
     "target": {
         "_help": "Inspect and build targets.",
         "info": target_info,
@@ -61,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     try:
         auto_cli(COMMANDS, args=args, as_positional=False)
-    except (OSError, LayerIdError) as error:  # bad paths and layer ids: the message says all there is to fix
+    except (OSError, ValueError) as error:  # bad paths, layer ids, arguments: the message says what to fix
         print(f"specdec: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 
