@@ -134,21 +134,7 @@ class DSparkConfig(PretrainedConfig):
         return self.markov_rank == 0 and not self.enable_confidence_head
 
     def backbone_config(self) -> Qwen3Config:
-        """A Qwen3 config with the draft's sizes, for the HF building blocks (norms, MLP, rotary)."""
-        return Qwen3Config(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_parameters=dict(self.rope_parameters),
-            max_position_embeddings=self.max_position_embeddings,
-            hidden_act=self.hidden_act,
-            attention_bias=self.attention_bias,
-        )
+        return backbone_config_of(self)
 
     @classmethod
     def from_target(
@@ -161,33 +147,58 @@ class DSparkConfig(PretrainedConfig):
         **overrides: Any,
     ) -> DSparkConfig:
         """Draft config sized like the target (DeepSpec's default); any field can be overridden."""
-        geometry = TargetGeometry.from_config(target_config)
+        fields = target_sized_fields(target_config, target_layer_ids)
+        gemma = fields["target_model_type"].startswith("gemma")
         text = target_config.get_text_config()
-        gemma = geometry.model_type.startswith("gemma")
-        fields: dict[str, Any] = dict(
-            vocab_size=geometry.vocab_size,
-            hidden_size=geometry.hidden_size,
-            intermediate_size=geometry.intermediate_size,
-            num_attention_heads=geometry.num_attention_heads,
-            num_key_value_heads=geometry.num_key_value_heads,
-            head_dim=_global_head_dim(text) if gemma else geometry.head_dim,
-            rms_norm_eps=geometry.rms_norm_eps,
-            rope_parameters=_single_rope(geometry.rope_parameters),
-            max_position_embeddings=geometry.max_position_embeddings,
-            hidden_act=getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", "silu"),
-            attention_k_eq_v=bool(getattr(text, "attention_k_eq_v", False)) if gemma else False,
-            target_hidden_size=geometry.hidden_size,
-            target_layer_ids=list(validate_layer_ids(target_layer_ids, geometry.num_hidden_layers)),
-            target_num_hidden_layers=geometry.num_hidden_layers,
-            target_model_type=geometry.model_type,
+        fields.update(
+            target_hidden_size=fields["hidden_size"],
             num_hidden_layers=num_hidden_layers,
             mask_token_id=mask_token_id,
             block_style="gemma4" if gemma else "qwen3",
-            embedding_multiplier=geometry.embedding_multiplier,
-            final_logit_softcapping=geometry.final_logit_softcapping,
+            attention_k_eq_v=bool(getattr(text, "attention_k_eq_v", False)) if gemma else False,
         )
         fields.update(overrides)
         return cls(**fields)
+
+
+def backbone_config_of(config: PretrainedConfig) -> Qwen3Config:
+    """A Qwen3 config with a drafter's sizes, for the HF building blocks (norms, MLP, rotary)."""
+    return Qwen3Config(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters),
+        max_position_embeddings=config.max_position_embeddings,
+        hidden_act=config.hidden_act,
+        attention_bias=config.attention_bias,
+    )
+
+
+def target_sized_fields(target_config: PretrainedConfig, target_layer_ids: Sequence[int]) -> dict[str, Any]:
+    """Drafter config fields copied from the target (DeepSpec sizes drafters like their target)."""
+    geometry = TargetGeometry.from_config(target_config)
+    text = target_config.get_text_config()
+    gemma = geometry.model_type.startswith("gemma")
+    return dict(
+        vocab_size=geometry.vocab_size,
+        hidden_size=geometry.hidden_size,
+        intermediate_size=geometry.intermediate_size,
+        num_attention_heads=geometry.num_attention_heads,
+        num_key_value_heads=geometry.num_key_value_heads,
+        head_dim=_global_head_dim(text) if gemma else geometry.head_dim,
+        rms_norm_eps=geometry.rms_norm_eps,
+        rope_parameters=_single_rope(geometry.rope_parameters),
+        max_position_embeddings=geometry.max_position_embeddings,
+        hidden_act=getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", "silu"),
+        target_layer_ids=list(validate_layer_ids(target_layer_ids, geometry.num_hidden_layers)),
+        target_num_hidden_layers=geometry.num_hidden_layers,
+        target_model_type=geometry.model_type,
+        embedding_multiplier=geometry.embedding_multiplier,
+        final_logit_softcapping=geometry.final_logit_softcapping,
+    )
 
 
 def _global_head_dim(text_config: PretrainedConfig) -> int:

@@ -18,8 +18,8 @@ from transformers import PretrainedConfig, PreTrainedModel, Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding, apply_rotary_pos_emb
 
 from specdec.drafters.attention import attend, choose_attention_backend
-from specdec.drafters.config import _single_rope
-from specdec.targets.geometry import TargetGeometry
+from specdec.drafters.config import backbone_config_of, target_sized_fields
+from specdec.drafters.target_head import softcap
 from specdec.targets.layers import validate_layer_ids
 from specdec.targets.weights import TargetHead
 
@@ -98,39 +98,11 @@ class Eagle3Config(PretrainedConfig):
         return self.draft_vocab_size < self.vocab_size
 
     def backbone_config(self) -> Qwen3Config:
-        return Qwen3Config(
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_parameters=dict(self.rope_parameters),
-            max_position_embeddings=self.max_position_embeddings,
-            hidden_act=self.hidden_act,
-        )
+        return backbone_config_of(self)
 
     @classmethod
     def from_target(cls, target_config: PretrainedConfig, target_layer_ids: Sequence[int], **overrides: Any):
-        geometry = TargetGeometry.from_config(target_config)
-        text = target_config.get_text_config()
-        fields: dict[str, Any] = dict(
-            vocab_size=geometry.vocab_size,
-            hidden_size=geometry.hidden_size,
-            intermediate_size=geometry.intermediate_size,
-            num_attention_heads=geometry.num_attention_heads,
-            num_key_value_heads=geometry.num_key_value_heads,
-            head_dim=geometry.head_dim,
-            rms_norm_eps=geometry.rms_norm_eps,
-            rope_parameters=_single_rope(geometry.rope_parameters),
-            max_position_embeddings=geometry.max_position_embeddings,
-            hidden_act=getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", "silu"),
-            target_layer_ids=list(validate_layer_ids(target_layer_ids, geometry.num_hidden_layers)),
-            target_num_hidden_layers=geometry.num_hidden_layers,
-            target_model_type=geometry.model_type,
-            embedding_multiplier=geometry.embedding_multiplier,
-            final_logit_softcapping=geometry.final_logit_softcapping,
-        )
+        fields = target_sized_fields(target_config, target_layer_ids)
         fields.update(overrides)
         return cls(**fields)
 
@@ -287,7 +259,7 @@ class Eagle3Drafter(Eagle3PreTrainedModel):
         self._check()
         normed = self.norm(hidden)
         weight = self.lm_head.weight if self.lm_head is not None else self.target_lm_head_weight
-        return _softcap(normed @ weight.T.to(normed.dtype), self.config.final_logit_softcapping)
+        return softcap(normed @ weight.T.to(normed.dtype), self.config.final_logit_softcapping)
 
     def target_logits(self, target_last_hidden: torch.Tensor) -> torch.Tensor:
         """The target's logits, restricted to the draft vocabulary when it is reduced."""
@@ -295,7 +267,7 @@ class Eagle3Drafter(Eagle3PreTrainedModel):
         weight = self.target_lm_head_weight
         if self.lm_head is not None:
             weight = weight[self.draft_token_ids()]
-        return _softcap(target_last_hidden.to(weight.dtype) @ weight.T, self.config.final_logit_softcapping)
+        return softcap(target_last_hidden.to(weight.dtype) @ weight.T, self.config.final_logit_softcapping)
 
     def step(self, hidden, token_ids, positions, past: list | None, mask):
         """One draft pass over a chunk: returns (output hidden, per-layer (keys, values) including past)."""
@@ -350,10 +322,6 @@ def _drop_last_valid(mask: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask, positions, -1).max(dim=1).values
     return mask & (positions != last[:, None])
-
-
-def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def vocabulary_from_counts(token_counts: torch.Tensor, draft_vocab_size: int) -> torch.Tensor:

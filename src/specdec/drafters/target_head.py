@@ -53,7 +53,7 @@ class FrozenTargetHead(nn.Module):
         """The target's own logits from its final-normed hidden states."""
         self._check()
         logits = target_hidden.to(self.lm_head_weight.dtype) @ self.lm_head_weight.T
-        return _softcap(logits, self.final_logit_softcapping)
+        return softcap(logits, self.final_logit_softcapping)
 
     def logits(self, draft_hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits through the frozen LM head (after the width bridge, if any)."""
@@ -62,5 +62,6 @@ class FrozenTargetHead(nn.Module):
         return self.target_logits(draft_hidden)
 
 
-def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-style final logit soft-capping: cap · tanh(logits / cap); identity when cap is None."""
     return logits if cap is None else torch.tanh(logits / cap) * cap
