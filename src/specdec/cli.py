@@ -98,6 +98,9 @@ def cache_estimate(
 
 COMMANDS = {
     "demo": demo,
+    "data": {
+        "_help": "Prompt data: regenerate answers with the target, serve a target over an OpenAI-compatible API.",
+    },
     "cache": {
         "_help": "Target-cache tools.",
         "estimate": cache_estimate,
