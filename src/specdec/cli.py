@@ -96,6 +96,82 @@ def cache_estimate(
     print(format_estimates(estimates))
 
 
+def cache_build(
+    data: list[str] | str,
+    output_dir: Path,
+    layer_ids: list[int],
+    target: str = TINY_TARGET,
+    max_length: int = 2048,
+    codec: str = "bf16",
+    samples_per_shard: int | None = None,
+    max_shard_bytes: int | None = None,
+    enable_thinking: bool | None = False,
+    min_loss_tokens: int = 1,
+    device: str = "auto",
+    progress: bool = True,
+) -> None:
+    """Build a target cache (resumable; under torchrun each rank writes its own shards, rank 0 the manifest).
+
+    Args:
+        data: conversation files: regenerated answers (``specdec data regenerate``) or prompt files with answers.
+        output_dir: the cache directory; rerunning with the same arguments resumes an interrupted build.
+        layer_ids: target layer ids whose outputs are stored (e.g. the drafter config's target_layer_ids).
+        target: ``specdec-tiny``, a local HF model directory, or a hub id.
+        max_length: tokens per sample (longer conversations are truncated).
+        codec: feature codec: bf16, fp16 or fp8_e4m3, optionally with +zstd (e.g. fp8_e4m3+zstd).
+        samples_per_shard: samples per tar shard.
+        max_shard_bytes: bytes per tar shard (default 1 GiB when neither limit is given).
+        enable_thinking: the chat template's thinking switch.
+        min_loss_tokens: conversations with fewer supervised tokens are skipped and counted.
+        device: where the target runs: auto, cpu, cuda or cuda:N.
+        progress: show a progress bar.
+    """
+    from specdec.data.cache_builder import TokenizeOptions, build_target_cache
+    from specdec.data.prompts import ImportSummary
+    from specdec.data.sources import iter_training_conversations
+    from specdec.targets import load_target
+
+    loaded = load_target(target, device=device)
+    imported = ImportSummary()
+    conversations = list(iter_training_conversations(data, summary=imported))
+    if imported.num_rejected:
+        print(imported.report(), file=sys.stderr)
+    options = TokenizeOptions(max_length=max_length, min_loss_tokens=min_loss_tokens, enable_thinking=enable_thinking)
+    report = build_target_cache(
+        loaded,
+        conversations,
+        output_dir,
+        layer_ids,
+        options,
+        codec=codec,
+        samples_per_shard=samples_per_shard,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+    )
+    print(report.tokenize.report())
+    build = report.build
+    print(f"wrote {build.written} samples ({build.skipped} already stored); {build.shards} shards, {build.bytes} bytes")
+    if report.manifest is not None:
+        shards = report.manifest["shards"]
+        samples = sum(shard["samples"] for shard in shards)
+        print(f"manifest: {output_dir / 'manifest.json'} ({len(shards)} shards, {samples} samples)")
+
+
+def cache_verify(cache: str) -> None:
+    """Read every sample of a target cache and check sizes, sha256, CRCs, shapes and key lists against the manifest.
+
+    Args:
+        cache: the cache directory or its manifest.json URL.
+    """
+    from specdec.data.cache_reader import iter_cache_samples
+
+    samples = tokens = 0
+    for sample in iter_cache_samples(cache, verify_sha256=True):
+        samples += 1
+        tokens += sample["input_ids"].numel()
+    print(f"{cache}: {samples} samples, {tokens} tokens: every shard matches its manifest entry")
+
+
 COMMANDS = {
     "demo": demo,
     "data": {
@@ -104,6 +180,8 @@ COMMANDS = {
     "cache": {
         "_help": "Target-cache tools.",
         "estimate": cache_estimate,
+        "build": cache_build,
+        "verify": cache_verify,
     },
     "target": {
         "_help": "Inspect and build targets.",

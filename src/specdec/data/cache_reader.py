@@ -75,32 +75,21 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), suffix
 
 
-def _iter_shard(
-    url: str,
-    entry: Mapping[str, Any] | None,
-    expected: Mapping[str, Any],
-    dtype: torch.dtype,
-    verify_sha256: bool,
-) -> Iterator[dict[str, Any]]:
-    keys: list[str] = []
-
-    def finish(files: dict[str, bytes], key: str) -> dict[str, Any]:
-        try:
-            sample = decode_sample(files, expected, dtype)
-        except CacheSampleError as error:
-            raise ShardIntegrityError(f"target cache shard {url}, sample {key}: {error}") from error
-        if tar_key(sample["key"]) != key:
-            raise ShardIntegrityError(f"target cache shard {url}: sample {key} carries the meta of {sample['key']!r}")
-        keys.append(sample["key"])
-        return sample
-
+def open_shard(url: str) -> BinaryIO:
+    """Open a shard by path or any URL WebDataset's ``gopen`` understands (``pipe:``, ``http(s)://``, ...)."""
     try:
-        stream = gopen(url, "rb")
+        return gopen(url, "rb")
     except Exception as error:
         raise ShardIntegrityError(f"target cache shard {url} cannot be opened: {error}") from error
-    reader = _HashingReader(stream)
+
+
+def iter_shard_files(stream: BinaryIO, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The raw samples of one tar shard in stored order: ``(tar key, {suffix: bytes})``, nothing decoded.
+
+    A truncated member, a repeated file or a stream that is not a tar raises :class:`ShardIntegrityError`.
+    """
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as archive:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
             current: str | None = None
             files: dict[str, bytes] = {}
             for member in archive:
@@ -113,17 +102,47 @@ def _iter_shard(
                     raise ShardIntegrityError(f"target cache shard {url} is truncated inside {member.name}")
                 if key != current:
                     if files:
-                        yield finish(files, current)
+                        yield current, files
                     current, files = key, {}
                 if suffix in files:
                     raise ShardIntegrityError(f"target cache shard {url} stores {member.name} twice")
                 files[suffix] = data
             if files:
-                yield finish(files, current)
-            if verify_sha256:
-                reader.drain()
+                yield current, files
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ShardIntegrityError(f"target cache shard {url} is truncated or not a tar file: {error}") from error
+
+
+def decode_shard_sample(
+    files: Mapping[str, bytes], key: str, url: str, expected: Mapping[str, Any], dtype: torch.dtype
+) -> dict[str, Any]:
+    """Decode one raw sample of shard ``url``; any inconsistency is a :class:`ShardIntegrityError` naming both."""
+    try:
+        sample = decode_sample(files, expected, dtype)
+    except CacheSampleError as error:
+        raise ShardIntegrityError(f"target cache shard {url}, sample {key}: {error}") from error
+    if tar_key(sample["key"]) != key:
+        raise ShardIntegrityError(f"target cache shard {url}: sample {key} carries the meta of {sample['key']!r}")
+    return sample
+
+
+def _iter_shard(
+    url: str,
+    entry: Mapping[str, Any] | None,
+    expected: Mapping[str, Any],
+    dtype: torch.dtype,
+    verify_sha256: bool,
+) -> Iterator[dict[str, Any]]:
+    keys: list[str] = []
+    stream = open_shard(url)
+    reader = _HashingReader(stream)
+    try:
+        for key, files in iter_shard_files(reader, url):
+            sample = decode_shard_sample(files, key, url, expected, dtype)
+            keys.append(sample["key"])
+            yield sample
+        if verify_sha256:
+            reader.drain()
     finally:
         stream.close()
     if entry is None:

@@ -1,0 +1,47 @@
+"""The training batch contract shared by the cached and the online data paths.
+
+A batch is a dict of right-padded tensors (padding only ever follows a sequence's real tokens, so no real
+position attends to it under a causal mask):
+
+- ``input_ids`` int64 ``[B, S]`` (``pad_token_id`` after each sequence's end)
+- ``attention_mask`` int64 ``[B, S]`` (1 on real tokens)
+- ``loss_mask`` bool ``[B, S]`` (True where the drafter is trained; never on padding)
+- ``target_hidden_states`` ``[B, S, L·H]`` captured target layer outputs, zero on padding
+- ``target_last_hidden_states`` ``[B, S, H]`` final-normed last hidden state, zero wherever ``loss_mask`` is False
+- ``keys`` list of ``B`` provenance keys
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+FEATURE_FIELDS = ("target_hidden_states", "target_last_hidden_states")
+
+
+def collate_target_samples(samples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Right-pad samples (each ``input_ids``/``loss_mask`` ``[S]`` and, when present, features ``[S, ·]``)."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    lengths = [int(sample["input_ids"].shape[0]) for sample in samples]
+    size, width = len(samples), max(lengths)
+    batch: dict[str, Any] = {
+        "input_ids": torch.full((size, width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros(size, width, dtype=torch.long),
+        "loss_mask": torch.zeros(size, width, dtype=torch.bool),
+        "keys": [sample["key"] for sample in samples],
+    }
+    for name in FEATURE_FIELDS:
+        if name in samples[0]:
+            first = samples[0][name]
+            batch[name] = torch.zeros(size, width, first.shape[-1], dtype=first.dtype)
+    for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
+        batch["input_ids"][row, :length] = sample["input_ids"]
+        batch["attention_mask"][row, :length] = 1
+        batch["loss_mask"][row, :length] = sample["loss_mask"]
+        for name in FEATURE_FIELDS:
+            if name in batch:
+                batch[name][row, :length] = sample[name]
+    return batch

@@ -1,0 +1,192 @@
+"""Streaming a target cache into equal, deterministic per-rank micro-batches.
+
+Each epoch the shards are put in an order drawn from ``(seed, epoch)`` (manifest order without shuffling) and
+read as one global sample stream. Rank ``r`` takes the contiguous range ``[r·n, (r+1)·n)`` of that stream, with
+``n = total // world_size`` (the remainder — fewer than ``world_size`` samples — is left out this epoch), so a
+rank opens only the shards its range touches. The range is cut into per-worker blocks of whole batches; each
+worker streams its block through a seeded shuffle buffer, decodes only the samples it yields, and pads them
+into batches. Shard integrity is checked as in :mod:`specdec.data.cache_reader`: CRC of every file, shapes
+against the manifest, and the sample count and key list of every shard read to its end.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specdec.data.batches import collate_target_samples
+from specdec.data.cache_reader import decode_shard_sample, iter_shard_files, open_shard
+from specdec.data.manifest import ShardIntegrityError, keys_digest
+from specdec.data.resumable import EpochBatches, worker_batch_counts
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    """A slice ``[start, stop)`` of one shard's samples."""
+
+    url: str
+    entry: Mapping[str, Any]
+    start: int
+    stop: int
+
+
+def seeded_random(*parts: int) -> random.Random:
+    """A ``random.Random`` seeded from several integers (seed, epoch, rank, worker) without collisions."""
+    return random.Random("/".join(str(part) for part in parts))
+
+
+def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Yield ``items`` in a shuffled order using a buffer of ``size`` (1 or less: unchanged order)."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class TargetCacheStream(EpochBatches):
+    """This rank's micro-batches of a target cache for each epoch (see the module docstring)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        manifest: Mapping[str, Any],
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        drop_last: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        pad_token_id: int = 0,
+    ) -> None:
+        super().__init__(rank, world_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        entries = {shard["file"]: shard for shard in manifest["shards"]}
+        self.shards: list[tuple[str, Mapping[str, Any]]] = []
+        for url in urls:
+            entry = entries.get(url.rpartition("/")[2])
+            if entry is None:
+                raise ShardIntegrityError(f"target cache shard {url} is not listed in the manifest")
+            self.shards.append((url, entry))
+        fingerprint = manifest["fingerprint"]
+        self.expected = {name: fingerprint[name] for name in ("layer_ids", "hidden_size", "codec", "zstd")}
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.drop_last = drop_last
+        self.dtype = dtype
+        self.pad_token_id = pad_token_id
+        self.total_samples = sum(entry["samples"] for _, entry in self.shards)
+        self.rank_samples = self.total_samples // world_size
+        if self.num_batches() == 0:
+            raise ValueError(
+                f"the target cache holds {self.total_samples} samples: too few for {world_size} rank(s) × "
+                f"batch size {batch_size}{' with drop_last' if drop_last else ''}"
+            )
+
+    def num_batches(self) -> int:
+        if self.drop_last:
+            return self.rank_samples // self.batch_size
+        return -(-self.rank_samples // self.batch_size)
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Indices into the shard list in this epoch's reading order (identical on every rank)."""
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            seeded_random(self.seed, epoch).shuffle(order)
+        return order
+
+    def worker_range(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """Global stream positions ``[start, stop)`` whose samples this worker of this rank yields."""
+        counts = worker_batch_counts(self.num_batches(), num_workers)
+        rank_start = self.rank * self.rank_samples
+        start = rank_start + self.batch_size * sum(counts[:worker])
+        stop = min(start + self.batch_size * counts[worker], rank_start + self.rank_samples)
+        return start, stop
+
+    def spans(self, epoch: int, start: int, stop: int) -> list[ShardSpan]:
+        """The shard slices covering global positions ``[start, stop)`` of epoch ``epoch``."""
+        spans, offset = [], 0
+        for index in self.shard_order(epoch):
+            url, entry = self.shards[index]
+            count = entry["samples"]
+            lo, hi = max(start, offset), min(stop, offset + count)
+            if lo < hi:
+                spans.append(ShardSpan(url, entry, lo - offset, hi - offset))
+            offset += count
+        return spans
+
+    def _raw_samples(self, spans: Sequence[ShardSpan]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        for span in spans:
+            whole = span.start == 0 and span.stop == span.entry["samples"]
+            keys: list[str] = []
+            position = -1
+            stream = open_shard(span.url)
+            try:
+                for position, (key, files) in enumerate(iter_shard_files(stream, span.url)):
+                    if position >= span.stop:
+                        if whole:
+                            raise ShardIntegrityError(
+                                f"target cache shard {span.url} holds more samples than the {span.entry['samples']} "
+                                "the manifest records"
+                            )
+                        break
+                    if whole:
+                        keys.append(_meta_key(files, key, span.url))
+                    if position >= span.start:
+                        yield span.url, key, files
+            finally:
+                stream.close()
+            if position + 1 < span.stop:
+                raise ShardIntegrityError(
+                    f"target cache shard {span.url} ends after {position + 1} samples; the manifest records "
+                    f"{span.entry['samples']} (truncated?)"
+                )
+            if whole and keys_digest(keys) != span.entry["keys_sha256"]:
+                raise ShardIntegrityError(f"target cache shard {span.url} holds other samples than its manifest entry")
+
+    def iter_worker(self, worker: int, num_workers: int, skip: int) -> Iterator[dict[str, Any]]:
+        start, stop = self.worker_range(worker, num_workers)
+        rng = seeded_random(self.seed, self.epoch, self.rank, worker)
+        raw = self._raw_samples(self.spans(self.epoch, start, stop))
+        ordered = shuffle_buffer(raw, self.shuffle_buffer if self.shuffle else 1, rng)
+        batch: list[tuple[str, str, dict[str, bytes]]] = []
+        index = 0
+        for item in ordered:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                if index >= skip:
+                    yield self._collate(batch)
+                index += 1
+                batch = []
+        if batch and not self.drop_last and index >= skip:
+            yield self._collate(batch)
+
+    def _collate(self, raw: Sequence[tuple[str, str, dict[str, bytes]]]) -> dict[str, Any]:
+        samples = [decode_shard_sample(files, key, url, self.expected, self.dtype) for url, key, files in raw]
+        return collate_target_samples(samples, self.pad_token_id)
+
+
+def _meta_key(files: Mapping[str, bytes], key: str, url: str) -> str:
+    try:
+        return json.loads(files["meta.json"])["key"]
+    except (KeyError, ValueError, TypeError) as error:
+        raise ShardIntegrityError(f"target cache shard {url}, sample {key}: unreadable meta.json: {error}") from error
