@@ -88,8 +88,10 @@ def iter_shard_files(stream: BinaryIO, url: str) -> Iterator[tuple[str, dict[str
 
     A truncated member, a repeated file or a stream that is not a tar raises :class:`ShardIntegrityError`.
     """
+    seekable = getattr(stream, "seekable", lambda: False)()
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
+        # A seekable (local) file is read member by member in one call each; a pipe or socket as a stream.
+        with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as archive:
             current: str | None = None
             files: dict[str, bytes] = {}
             for member in archive:
