@@ -9,6 +9,8 @@ from pathlib import Path
 
 from jsonargparse import auto_cli
 
+from specdec.data.regenerate import regenerate_command
+from specdec.data.serve import serve_command
 from specdec.demo import demo
 from specdec.targets import TINY_TARGET
 
@@ -176,6 +178,8 @@ COMMANDS = {
     "demo": demo,
     "data": {
         "_help": "Prompt data: regenerate answers with the target, serve a target over an OpenAI-compatible API.",
+        "regenerate": regenerate_command,
+        "serve": serve_command,
     },
     "cache": {
         "_help": "Target-cache tools.",

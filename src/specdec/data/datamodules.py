@@ -22,6 +22,8 @@ from specdec.data.cache_stream import TargetCacheStream
 from specdec.data.chat import TokenizeSummary, tokenize_conversations
 from specdec.data.manifest import MANIFEST_NAME, CacheMismatchError, read_manifest
 from specdec.data.online import ConversationBatches, OnlineTargetFeatures
+from specdec.data.prompts import iter_conversations
+from specdec.data.regenerate import SamplingParams
 from specdec.data.resumable import ResumableDataLoader
 from specdec.data.sources import iter_training_conversations
 
@@ -76,6 +78,11 @@ class CacheBuildSpec:
         samples_per_shard: samples per tar shard (default: 1 GiB shards).
         enable_thinking: the chat template's thinking switch.
         device: where the target runs (``auto``, ``cpu``, ``cuda``).
+        min_loss_tokens: conversations with fewer supervised tokens are skipped (and counted).
+        answers: if set, ``data`` are prompts: the target first answers every user turn (locally, resumable)
+            into this JSONL file, and the cache is built from those answers.
+        sampling: how the answers are sampled (default: :class:`SamplingParams` defaults).
+        answer_batch_size: conversations answered together.
     """
 
     target: str
@@ -87,6 +94,9 @@ class CacheBuildSpec:
     enable_thinking: bool | None = False
     device: str = "auto"
     min_loss_tokens: int = 1
+    answers: str | None = None
+    sampling: SamplingParams | None = None
+    answer_batch_size: int = 8
 
     def tokenize_options(self) -> TokenizeOptions:
         return TokenizeOptions(
@@ -154,7 +164,17 @@ class TargetCacheDataModule(L.LightningDataModule):
 
         spec = self.build
         target = load_target(spec.target, device=spec.device)
-        conversations = list(iter_training_conversations(spec.data))
+        data = spec.data
+        if spec.answers is not None:
+            from specdec.data.regenerate import LocalGenerateBackend, regenerate
+
+            backend = LocalGenerateBackend(target, batch_size=spec.answer_batch_size)
+            prompts = list(iter_conversations(spec.data))
+            report = regenerate(prompts, spec.answers, backend, spec.sampling or SamplingParams())
+            if report.failed:
+                raise RuntimeError(f"{report.failed} conversation(s) could not be answered:\n{report.report()}")
+            data = [spec.answers]
+        conversations = list(iter_training_conversations(data))
         report = build_target_cache(
             target,
             conversations,
