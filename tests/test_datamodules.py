@@ -378,3 +378,35 @@ def test_prepare_data_answers_prompts_and_builds_the_missing_cache_once(tmp_path
     assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == written
     datamodule.setup("fit")
     assert len(list(datamodule.train_dataloader())) == 3
+
+
+def test_cache_is_streamed_through_a_pipe_url(cache_dir):
+    direct = TargetCacheDataModule(str(cache_dir), batch_size=4, seed=5)
+    piped = TargetCacheDataModule(f"pipe:cat {cache_dir}/manifest.json", batch_size=4, seed=5)
+    for datamodule in (direct, piped):
+        datamodule.setup("fit")
+    assert [b["keys"] for b in piped.train_dataloader()] == [b["keys"] for b in direct.train_dataloader()]
+
+
+def test_ranks_build_disjoint_shards_that_merge_into_one_cache(tiny, conversations_file, tmp_path):
+    from specdec.data.cache_writer import finalize_cache
+
+    conversations = list(iter_training_conversations(conversations_file))
+    for rank in (1, 0):  # any order: the manifest is written once both ranks are complete
+        report = build_target_cache(
+            tiny,
+            conversations,
+            tmp_path,
+            LAYER_IDS,
+            TokenizeOptions(max_length=96),
+            samples_per_shard=3,
+            rank=rank,
+            world_size=2,
+            finalize=False,
+            progress=False,
+        )
+        assert report.build.written == len(conversations[rank::2])
+    manifest = finalize_cache(tmp_path, world_size=2, verify_sha256=True)
+    assert {shard["rank"] for shard in manifest["shards"]} == {0, 1}
+    keys = [sample["key"] for sample in iter_cache_samples(tmp_path)]
+    assert sorted(keys) == sorted(c.key for c in conversations)
