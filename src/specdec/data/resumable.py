@@ -15,6 +15,7 @@ come next.
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 
-class EpochBatches(IterableDataset):
+class EpochBatches(IterableDataset, ABC):
     """Base of datasets that yield whole, pre-planned micro-batches of one rank for one epoch."""
 
     def __init__(self, rank: int = 0, world_size: int = 1) -> None:
@@ -36,13 +37,13 @@ class EpochBatches(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @abstractmethod
     def num_batches(self) -> int:
         """Micro-batches this rank yields per epoch (equal on every rank)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def iter_worker(self, worker: int, num_workers: int, skip: int) -> Iterator[dict[str, Any]]:
         """Yield batches ``k = worker + j·num_workers`` for ``j ≥ skip``, ``k < num_batches()``, in order."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return self.num_batches()
