@@ -10,8 +10,8 @@ import torch
 from specdec.data.cache_builder import TokenizeOptions, build_target_cache
 from specdec.data.datamodules import TargetCacheDataModule
 from specdec.data.sources import iter_training_conversations
+from specdec.lightning import DSparkModule, RatioMetric, warmup_cosine
 from specdec.targets import TINY_TARGET, load_target
-from specdec.training import DSparkModule, RatioMetric, warmup_cosine
 from tests.test_datamodules import write_conversations
 
 LAYER_IDS = [1, 3, 4]

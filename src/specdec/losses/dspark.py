@@ -37,7 +37,7 @@ class DSparkLoss:
     tau_probabilistic: torch.Tensor  # expected accepted length incl. bonus, mean over valid blocks
     tau_numerator: torch.Tensor
     tau_denominator: torch.Tensor  # valid blocks
-    weight_sum: torch.Tensor  # global Σw the weighted sums were divided by
+    weight_sum: torch.Tensor  # global Σw the weighted sums were divided by (this rank's Σw with reduction="sum")
     confidence_abs_error: torch.Tensor | None = None  # mean |σ(z) − c*| over valid slots
     confidence_bias: torch.Tensor | None = None  # mean σ(z) − c* over valid slots
 
@@ -90,6 +90,7 @@ def dspark_loss(
     confidence_alpha: float = 1.0,
     impl: Impl = "auto",
     chunk_size: int | None = None,
+    reduction: str = "global_mean",
 ) -> DSparkLoss:
     """``ce_alpha·CE + l1_alpha·L1 + confidence_alpha·BCE(z, c*)``, weighted by :func:`position_weights`.
 
@@ -97,13 +98,23 @@ def dspark_loss(
     ``confidence_logits`` ``[..., K]``. The confidence target ``c* = clamp(1 − l1/2, 0, 1)`` is detached, so
     the confidence head learns to predict acceptance without pulling the draft distribution toward it.
     Masked slots are skipped by the vocabulary terms.
+
+    ``reduction="global_mean"`` divides by the weight sum of all ranks (see the module docstring);
+    ``reduction="sum"`` returns the weighted sums and this rank's weight sum, for a caller that normalises over
+    a whole optimizer step (accumulation included).
     """
+    if reduction not in ("global_mean", "sum"):
+        raise ValueError(f"reduction = {reduction!r}; expected 'global_mean' or 'sum'")
     eval_mask = eval_mask.bool()
     weights = position_weights(eval_mask, gamma)
     ce, l1 = dspark_vocab_terms(
         draft_logits, target_logits, target_ids, row_mask=eval_mask, impl=impl, chunk_size=chunk_size
     )
-    scale, weight_sum = global_weight_scale(weights.sum())
+    if reduction == "sum":
+        weight_sum = weights.sum().detach()
+        scale = torch.ones((), device=weight_sum.device)
+    else:
+        scale, weight_sum = global_weight_scale(weights.sum())
     ce_mean = (weights * ce).sum() * scale
     l1_mean = (weights * l1).sum() * scale
 
