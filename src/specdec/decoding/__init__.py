@@ -1,1 +1,35 @@
-"""Speculative decoding: sampling, proposal, verification."""
+"""Speculative decoding: the fp32 sampling path, proposals of each drafter, verification and its baseline."""
+
+from specdec.decoding.engine import DecodeOutput, GenerationResult, SpeculativeDecoder, autoregressive_generate
+from specdec.decoding.options import DecodingOptions
+from specdec.decoding.proposers import DraftRequest, DSparkProposer, Eagle3Proposer, Proposal, proposer_for
+from specdec.decoding.sampling import (
+    GREEDY_TEMPERATURE,
+    accept_draft,
+    draw,
+    residual_distribution,
+    token_probabilities,
+    uniform,
+)
+from specdec.decoding.target_session import TargetSession, TargetStep
+
+__all__ = [
+    "GREEDY_TEMPERATURE",
+    "DSparkProposer",
+    "DecodeOutput",
+    "DecodingOptions",
+    "DraftRequest",
+    "Eagle3Proposer",
+    "GenerationResult",
+    "Proposal",
+    "SpeculativeDecoder",
+    "TargetSession",
+    "TargetStep",
+    "accept_draft",
+    "autoregressive_generate",
+    "draw",
+    "proposer_for",
+    "residual_distribution",
+    "token_probabilities",
+    "uniform",
+]

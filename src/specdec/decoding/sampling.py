@@ -24,3 +24,28 @@ def draw(probabilities: torch.Tensor, generator: torch.Generator | None = None) 
     flat = probabilities.reshape(-1, probabilities.shape[-1])
     tokens = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
     return tokens.view(probabilities.shape[:-1])
+
+
+def uniform(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """U[0, 1) in fp32 for the acceptance test (drawn from the same generator as the tokens)."""
+    return torch.rand(shape, device=device, generator=generator, dtype=torch.float32)
+
+
+def accept_draft(p_draft: torch.Tensor, q_draft: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The rejection test ``u < min(1, p(d) / q(d))``, written as ``u · q(d) < p(d)`` to avoid dividing.
+
+    ``p_draft`` and ``q_draft`` are the target's and the drafter's probabilities of the drafted token, both fp32
+    from :func:`token_probabilities`. A token the drafter could not have drawn (q = 0) is never accepted.
+    """
+    return (u * q_draft < p_draft) & (q_draft > 0)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor, min_mass: float = 1e-8) -> torch.Tensor:
+    """``norm(max(p - q, 0))``: what to draw from after a rejection so the committed token is distributed as p.
+
+    When the residual has (numerically) no mass, p and q agree and a rejection was a rounding event; p itself
+    is then the right distribution.
+    """
+    residual = (p - q).clamp_min(0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    return torch.where(mass > min_mass, residual / mass.clamp_min(min_mass), p)

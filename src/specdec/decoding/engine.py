@@ -1,0 +1,263 @@
+"""Lossless speculative decoding: prefill, propose, verify in one target forward, commit, and its baseline.
+
+Each round the drafter proposes ``n`` tokens after the last committed one (the anchor); the target scores the
+anchor and all drafts in one forward; drafts are accepted left to right while ``u · q(d) < p(d)``; at the first
+rejection a token is drawn from ``norm(max(p - q, 0))``, and when all drafts pass a bonus token is drawn from the
+target's next distribution. The committed tokens are then distributed exactly as the target's own samples. p
+and q both come from :func:`specdec.decoding.sampling.token_probabilities` (fp32), which is also what drew the
+drafts, and what :func:`autoregressive_generate` samples from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from specdec.decoding.proposers import DraftRequest, Proposal, proposer_for
+from specdec.decoding.sampling import accept_draft, draw, residual_distribution, token_probabilities, uniform
+from specdec.decoding.target_session import TargetSession
+
+
+@dataclass
+class GenerationResult:
+    """One request's generated tokens and, per verification round, its draft statistics."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    proposed: list[int] = field(default_factory=list)  # drafts verified in each round
+    accepted: list[int] = field(default_factory=list)  # leading drafts accepted in each round
+    committed: list[int] = field(default_factory=list)  # tokens committed (accepted + bonus/correction)
+    stopped: bool = False  # ended on a stop token (else on max_new_tokens)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.proposed)
+
+
+@dataclass
+class DecodeOutput:
+    """Results of a batch and where its wall-clock time went (seconds, device-synchronised)."""
+
+    results: list[GenerationResult]
+    seconds: float = 0.0  # the whole call, prefill included
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0  # drafter: context injection and proposals
+    verify_seconds: float = 0.0  # target verification forwards and the acceptance test
+    target_forwards: int = 0  # forwards after the prefill (verification rounds, or decode steps)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(result.token_ids) for result in self.results)
+
+
+class _Clock:
+    """Wall-clock sections that wait for the device first, so asynchronous kernels are counted where they run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def _first_tokens(session: TargetSession, prompts, temperature, generator):
+    step = session.prefill(prompts)
+    probabilities = token_probabilities(step.logits[:, 0], temperature)
+    return step, draw(probabilities, generator)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of a target with a DSpark / DFlash / Eagle3 drafter (batch size 1 or more).
+
+    Args:
+        target: the HF causal LM (frozen, eval mode).
+        drafter: a ``DSparkDrafter`` or ``Eagle3Drafter`` with the target's head attached, on the same device.
+        temperature: sampling temperature of target and drafter; below 1e-5 greedy.
+        max_new_tokens: tokens generated per request (never exceeded: the last rounds draft fewer tokens).
+        stop_token_ids: a committed stop token ends its request (it is part of the output).
+        max_draft_tokens: cap on drafts per round (default: all the drafter predicts).
+    """
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        drafter: nn.Module,
+        *,
+        temperature: float = 1.0,
+        max_new_tokens: int = 256,
+        stop_token_ids: Sequence[int] = (),
+        max_draft_tokens: int | None = None,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.proposer = proposer_for(drafter)
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.stop_token_ids = list(stop_token_ids)
+        limit = self.proposer.num_predictions
+        self.max_draft_tokens = limit if max_draft_tokens is None else min(limit, max_draft_tokens)
+        self.layer_ids = list(drafter.config.target_layer_ids)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], generator: torch.Generator | None = None) -> DecodeOutput:
+        device = _device_of(self.target)
+        clock = _Clock(device)
+        began = clock.now()
+        results = [GenerationResult(prompt_ids=list(prompt)) for prompt in prompts]
+        output = DecodeOutput(results=results)
+        stops = torch.tensor(self.stop_token_ids or [-1], device=device)
+        with TargetSession(self.target, self.layer_ids) as session:
+            step, first = _first_tokens(session, prompts, self.temperature, generator)
+            output.prefill_seconds = clock.now() - began
+            tokens = [torch.cat([torch.as_tensor(p, device=device), first[i : i + 1]]) for i, p in enumerate(prompts)]
+            pending = [step.features[row, : len(prompt)] for row, prompt in enumerate(prompts)]
+            states = [self.proposer.new_state() for _ in prompts]
+            active = []
+            for row, result in enumerate(results):
+                result.token_ids.append(int(first[row]))
+                result.stopped = bool(torch.isin(first[row], stops))
+                active.append(not result.stopped and self.max_new_tokens > 1)
+
+            while any(active):
+                rows = [row for row in range(len(prompts)) if active[row]]
+                tick = clock.now()
+                requests = [
+                    DraftRequest(
+                        state=states[row],
+                        tokens=tokens[row],
+                        pending=pending[row],
+                        limit=min(self.max_draft_tokens, self.max_new_tokens - len(results[row].token_ids) - 1),
+                    )
+                    for row in rows
+                ]
+                proposals = self.proposer.propose(requests, self.temperature, generator, self.stop_token_ids)
+                tock = clock.now()
+                output.draft_seconds += tock - tick
+                kept, new_tokens, finished, features = self._verify(session, rows, tokens, proposals, stops, generator)
+                output.verify_seconds += clock.now() - tock
+                output.target_forwards += 1
+                for index, row in enumerate(rows):
+                    result = results[row]
+                    accepted = int(kept[row]) - 1
+                    committed = new_tokens[index]
+                    result.proposed.append(len(proposals[index].tokens))
+                    result.accepted.append(accepted)
+                    result.committed.append(len(committed))
+                    result.token_ids.extend(committed)
+                    tokens[row] = torch.cat([tokens[row], torch.tensor(committed, device=device)])
+                    pending[row] = features[row, : accepted + 1]
+                    result.stopped = finished[index]
+                    active[row] = not finished[index] and len(result.token_ids) < self.max_new_tokens
+        output.seconds = clock.now() - began
+        return output
+
+    def _verify(self, session, rows, tokens, proposals: list[Proposal], stops, generator):
+        """One target forward over [anchor, drafts] of every active row, the acceptance test and the commit."""
+        batch = len(tokens)
+        device = stops.device
+        counts = torch.zeros(batch, dtype=torch.long, device=device)
+        for index, row in enumerate(rows):
+            counts[row] = len(proposals[index].tokens)
+        width = int(counts.max()) + 1
+        input_ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        for index, row in enumerate(rows):
+            drafts = proposals[index].tokens
+            input_ids[row, 0] = tokens[row][-1]
+            input_ids[row, 1 : 1 + len(drafts)] = drafts
+            lengths[row] = 1 + len(drafts)
+        step = session.extend(input_ids, lengths)
+
+        active = torch.tensor(rows, device=device)
+        p = token_probabilities(step.logits[active], self.temperature)  # [A, width, V]
+        vocab = p.shape[-1]
+        q = torch.zeros(len(rows), width, vocab, device=device)
+        for index in range(len(rows)):
+            drafted = proposals[index].probabilities
+            q[index, : drafted.shape[0]] = drafted.to(device)
+        drafts = input_ids[active, 1:]  # [A, width - 1]
+        slot = torch.arange(width - 1, device=device)
+        proposed = slot[None] < counts[active, None]
+        u = uniform(tuple(drafts.shape), device, generator)
+        p_draft = p[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
+        q_draft = q[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
+        passed = accept_draft(p_draft, q_draft, u) & proposed
+        accepted = passed.long().cumprod(dim=-1).sum(dim=-1)  # [A]
+
+        # A stop token among the accepted drafts ends the request right there (no bonus token after it).
+        stop_hit = torch.isin(drafts, stops) & (slot[None] < accepted[:, None])
+        sentinel = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
+        first_stop = torch.cat([stop_hit, sentinel], dim=-1).long().argmax(dim=-1)  # width - 1 when there is none
+        stopped_early = first_stop < width - 1
+        accepted = torch.where(stopped_early, first_stop + 1, accepted)
+
+        index = torch.arange(len(rows), device=device)
+        following = residual_distribution(p[index, accepted], q[index, accepted])
+        next_tokens = draw(following, generator)
+        next_is_stop = torch.isin(next_tokens, stops)
+
+        kept = torch.zeros(batch, dtype=torch.long, device=device)
+        kept[active] = accepted + 1
+        session.keep(kept)
+        new_tokens, finished = [], []
+        accepted_list, early_list = accepted.tolist(), stopped_early.tolist()
+        for position, count in enumerate(accepted_list):
+            committed = drafts[position, :count].tolist()
+            if not early_list[position]:
+                committed.append(int(next_tokens[position]))
+            new_tokens.append(committed)
+            finished.append(bool(early_list[position] or next_is_stop[position]))
+        return kept, new_tokens, finished, step.features
+
+
+@torch.no_grad()
+def autoregressive_generate(
+    target: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    temperature: float = 1.0,
+    max_new_tokens: int = 256,
+    stop_token_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> DecodeOutput:
+    """Plain decoding of the target, one token per forward, through the same cache and sampling path."""
+    device = _device_of(target)
+    clock = _Clock(device)
+    began = clock.now()
+    results = [GenerationResult(prompt_ids=list(prompt)) for prompt in prompts]
+    output = DecodeOutput(results=results)
+    stops = torch.tensor(list(stop_token_ids) or [-1], device=device)
+    with TargetSession(target) as session:
+        _, token = _first_tokens(session, prompts, temperature, generator)
+        output.prefill_seconds = clock.now() - began
+        active = torch.ones(len(prompts), dtype=torch.bool, device=device)
+        while True:
+            for row in active.nonzero().flatten().tolist():
+                results[row].token_ids.append(int(token[row]))
+            done = torch.isin(token, stops)
+            for row in (active & done).nonzero().flatten().tolist():
+                results[row].stopped = True
+            active = active & ~done
+            lengths = torch.tensor([len(result.token_ids) for result in results], device=device)
+            active = active & (lengths < max_new_tokens)
+            if not bool(active.any()):
+                break
+            kept = active.long()
+            step = session.extend(token[:, None], kept)
+            session.keep(kept)
+            output.target_forwards += 1
+            token = draw(token_probabilities(step.logits[:, 0], temperature), generator)
+    output.seconds = clock.now() - began
+    return output
