@@ -58,6 +58,7 @@ class Eagle3Config(PretrainedConfig):
         final_logit_softcapping: float | None = None,
         attention_backend: str = "auto",
         initializer_range: float = 0.02,
+        qk_norm: bool = True,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -82,6 +83,7 @@ class Eagle3Config(PretrainedConfig):
         self.final_logit_softcapping = final_logit_softcapping
         self.attention_backend = attention_backend
         self.initializer_range = initializer_range
+        self.qk_norm = qk_norm  # per-head q/k RMSNorm (Qwen3 style); False is the Llama-style EAGLE3 layer
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         if len(self.target_layer_ids) not in (3, 5):
@@ -141,8 +143,9 @@ class Eagle3Attention(nn.Module):
         self.k_proj = nn.Linear(input_size, config.num_key_value_heads * config.head_dim, bias=bias)
         self.v_proj = nn.Linear(input_size, config.num_key_value_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=bias)
-        self.q_norm = Qwen3RMSNorm(config.head_dim, eps=config.rms_norm_eps)
-        self.k_norm = Qwen3RMSNorm(config.head_dim, eps=config.rms_norm_eps)
+        qk_norm = getattr(config, "qk_norm", True)
+        self.q_norm = Qwen3RMSNorm(config.head_dim, eps=config.rms_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = Qwen3RMSNorm(config.head_dim, eps=config.rms_norm_eps) if qk_norm else nn.Identity()
 
     def forward(self, inputs, rotary, past: tuple[torch.Tensor, torch.Tensor] | None, mask):
         """Attend over past keys/values plus this call's; returns (output, (all keys, all values))."""

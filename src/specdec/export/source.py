@@ -1,0 +1,139 @@
+"""Where an export starts: a specdec drafter, from an HF drafter directory or a Lightning checkpoint.
+
+An HF drafter directory (``drafter.save_pretrained``) holds the trainable weights only; the frozen target
+embedding and LM head are read again from the target. A Lightning ``.ckpt`` holds the LightningModule's
+``state_dict`` (keys prefixed ``drafter.``) and its hyper-parameters, from which the drafter config is rebuilt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from specdec.drafters import DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
+from specdec.targets import TargetHead, read_target_head, resolve_target
+
+Drafter = DSparkDrafter | Eagle3Drafter
+
+# Prefixes added by LightningModules, torch.compile and FSDP wrappers around the drafter's own names.
+TRAINER_PREFIXES = ("drafter.", "_orig_mod.", "_fsdp_wrapped_module.", "module.", "draft_model.")
+
+
+def strip_trainer_prefixes(state_dict: dict[str, torch.Tensor], owner: str = "drafter.") -> dict[str, torch.Tensor]:
+    """The drafter's tensors of a training state dict, under the drafter's own names."""
+    stripped: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if not key.startswith(owner):
+            continue
+        name = key
+        changed = True
+        while changed:
+            changed = False
+            for prefix in TRAINER_PREFIXES:
+                if name.startswith(prefix):
+                    name = name[len(prefix) :]
+                    changed = True
+            name = name.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
+        stripped[name] = tensor
+    return stripped
+
+
+def target_head_of(drafter: Drafter) -> TargetHead:
+    """The frozen target embedding and LM head attached to a drafter (refused when none is attached)."""
+    if isinstance(drafter, DSparkDrafter):
+        if not drafter.target_head.attached:
+            raise RuntimeError("the drafter has no target embedding / LM head: call attach_target_head() first")
+        embed, lm_head = drafter.target_head.embed_weight, drafter.target_head.lm_head_weight
+    else:
+        if not drafter.target_attached:
+            raise RuntimeError("the drafter has no target embedding / LM head: call attach_target_head() first")
+        embed, lm_head = drafter.embed_weight, drafter.target_lm_head_weight
+    return TargetHead(
+        embed_tokens=embed, lm_head=lm_head, tied=False, embed_key="embed_tokens.weight", lm_head_key="lm_head.weight"
+    )
+
+
+def has_target_head(drafter: Drafter) -> bool:
+    return drafter.target_head.attached if isinstance(drafter, DSparkDrafter) else drafter.target_attached
+
+
+def load_drafter(source: str | Path, target: str | None = None, revision: str | None = None) -> Drafter:
+    """A drafter from an HF drafter directory or a Lightning ``.ckpt``, in fp32, with the target head attached.
+
+    ``target`` (``specdec-tiny``, a local HF directory or a hub id) supplies the frozen embedding and LM head;
+    without it the drafter is returned bare (enough for formats that omit them, e.g. vLLM DFlash).
+    """
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: expected an HF drafter directory (save_pretrained)")
+        drafter = AutoModel.from_pretrained(path)
+        if not isinstance(drafter, DSparkDrafter | Eagle3Drafter):
+            raise TypeError(f"{path}/config.json describes a {type(drafter).__name__}, not a specdec drafter")
+    elif path.suffix == ".ckpt" and path.is_file():
+        drafter = drafter_from_lightning_checkpoint(path, target)
+    else:
+        raise FileNotFoundError(f"{path} is neither an HF drafter directory nor a Lightning .ckpt file")
+    drafter = drafter.float().eval()
+    if target is not None:
+        drafter.attach_target_head(read_target_head(target, revision=revision))
+    return drafter
+
+
+def drafter_from_lightning_checkpoint(path: str | Path, target: str | None = None) -> Drafter:
+    """Rebuild the drafter of a LightningModule checkpoint from its ``state_dict`` and hyper-parameters."""
+    # The checkpoint is the user's own training output; it pickles hyper-parameters, so weights_only is off.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" not in checkpoint:
+        raise KeyError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+    weights = strip_trainer_prefixes(checkpoint["state_dict"])
+    if not weights:
+        raise KeyError(
+            f"{path}: no 'drafter.*' tensors in state_dict (keys start {sorted(checkpoint['state_dict'])[:3]})"
+        )
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    config = _config_from_hparams(hparams, weights, target, path)
+    drafter = (DSparkDrafter if isinstance(config, DSparkConfig) else Eagle3Drafter)(config)
+    missing, unexpected = drafter.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{path}: drafter weights do not match the config (missing {missing}, unexpected {unexpected})")
+    return drafter
+
+
+def _is_eagle3(weights: dict[str, Any]) -> bool:
+    return "layers.0.hidden_norm.weight" in weights
+
+
+def _config_from_hparams(hparams: dict[str, Any], weights: dict[str, Any], target: str | None, path: Path):
+    eagle3 = _is_eagle3(weights)
+    given = hparams.get("drafter_config")
+    if isinstance(given, dict):
+        return (Eagle3Config if eagle3 else DSparkConfig)(**given)
+    target = hparams.get("target", target)
+    layer_ids = hparams.get("layer_ids")
+    if target is None or layer_ids is None:
+        raise KeyError(
+            f"{path}: hyper_parameters lack 'target' and 'layer_ids' (or a full 'drafter_config'); "
+            "export the HF drafter directory saved next to the checkpoint instead"
+        )
+    target_config = AutoConfig.from_pretrained(resolve_target(target).path)
+    overrides = dict(hparams.get("drafter") or {})
+    if eagle3:
+        return Eagle3Config.from_target(target_config, layer_ids, **overrides)
+    mask = hparams.get("mask_token_id")
+    if mask is None:
+        from transformers import AutoTokenizer
+
+        mask = AutoTokenizer.from_pretrained(resolve_target(target).path).mask_token_id
+        if mask is None:
+            raise KeyError(f"{path}: mask_token_id is not in hyper_parameters and the target tokenizer has none")
+    return DSparkConfig.from_target(
+        target_config,
+        layer_ids,
+        num_hidden_layers=int(hparams.get("num_hidden_layers", 5)),
+        mask_token_id=mask,
+        **overrides,
+    )
