@@ -1,0 +1,119 @@
+"""Decode chat prompts with a drafter and, on the same prompts, without it: what ``specdec test``, the in-loop
+speedup callback and the benchmark share.
+
+Conversations go through the target's chat template (user turns only, optional system prompt, DeepSpec's
+non-thinking mode by default); with several user turns, each turn is answered by the speculative decoder before
+the next one is asked. Both decoders sample through the same fp32 path, seeded identically per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from specdec.decoding.engine import DecodeOutput, SpeculativeDecoder, autoregressive_generate
+from specdec.decoding.options import DecodingOptions
+
+
+def stop_tokens_of(target, options: DecodingOptions) -> list[int]:
+    """The options' stop tokens, else the target's generation-config eos ids and its tokenizer's eos."""
+    if options.stop_token_ids is not None:
+        return list(options.stop_token_ids)
+    from specdec.data.regenerate import stop_token_ids
+
+    return stop_token_ids(target)
+
+
+def render_chat(target, messages: Sequence[dict[str, str]], options: DecodingOptions) -> list[int]:
+    """Token ids of the prompt the chat template writes before the next assistant answer."""
+    from specdec.data.regenerate import render_prompt
+
+    if options.system_prompt:
+        messages = [{"role": "system", "content": options.system_prompt}, *messages]
+    kwargs = {} if options.enable_thinking is None else {"enable_thinking": options.enable_thinking}
+    text = render_prompt(target, messages, kwargs)
+    return target.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class TurnOutputs:
+    """One turn of a batch of conversations, decoded both ways."""
+
+    speculative: DecodeOutput
+    autoregressive: DecodeOutput | None
+
+
+class SpeculativeEvaluator:
+    """Decode conversations against ``target`` (a :class:`specdec.targets.Target`) with and without ``drafter``."""
+
+    def __init__(self, target, drafter: nn.Module, options: DecodingOptions | None = None) -> None:
+        self.target = target
+        self.options = options or DecodingOptions()
+        self.stop_token_ids = stop_tokens_of(target, self.options)
+        self.decoder = SpeculativeDecoder(
+            target.model,
+            drafter,
+            temperature=self.options.temperature,
+            max_new_tokens=self.options.max_new_tokens,
+            stop_token_ids=self.stop_token_ids,
+            max_draft_tokens=self.options.max_draft_tokens,
+        )
+        self.device = next(target.model.parameters()).device
+
+    @property
+    def max_drafts(self) -> int:
+        return self.decoder.max_draft_tokens
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def decode(self, prompts: Sequence[Sequence[int]], seed: int, measure_speedup: bool | None = None) -> TurnOutputs:
+        """One batch of token prompts, speculative then (when measuring) autoregressive, from the same seed."""
+        measure = self.options.measure_speedup if measure_speedup is None else measure_speedup
+        was_training = self.decoder.drafter.training
+        self.decoder.drafter.eval()
+        try:
+            speculative = self.decoder.generate(prompts, self._generator(seed))
+            autoregressive = None
+            if measure:
+                autoregressive = autoregressive_generate(
+                    self.target.model,
+                    prompts,
+                    temperature=self.options.temperature,
+                    max_new_tokens=self.options.max_new_tokens,
+                    stop_token_ids=self.stop_token_ids,
+                    generator=self._generator(seed),
+                )
+        finally:
+            self.decoder.drafter.train(was_training)
+        return TurnOutputs(speculative, autoregressive)
+
+    def answer_text(self, token_ids: Sequence[int]) -> str:
+        ids = [token for token in token_ids if token not in self.stop_token_ids]
+        return self.target.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def conversations(self, conversations: Sequence[Sequence[str]], seed: int) -> list[TurnOutputs]:
+        """Decode every user turn of each conversation (in batches per turn); one entry per turn index."""
+        histories: list[list[dict[str, str]]] = [[] for _ in conversations]
+        outputs = []
+        for turn in range(max(len(turns) for turns in conversations)):
+            rows = [row for row, turns in enumerate(conversations) if turn < len(turns)]
+            prompts = []
+            for row in rows:
+                histories[row].append({"role": "user", "content": conversations[row][turn]})
+                prompts.append(render_chat(self.target, histories[row], self.options))
+            decoded = self.decode(prompts, seed + turn)
+            for row, result in zip(rows, decoded.speculative.results, strict=True):
+                histories[row].append({"role": "assistant", "content": self.answer_text(result.token_ids)})
+            outputs.append(decoded)
+        return outputs
+
+    def warmup(self, prompts: int | None = None) -> None:
+        """Untimed decodes of a short prompt by both decoders (allocators, kernels, lazy initialisation)."""
+        count = self.options.warmup_prompts if prompts is None else prompts
+        ids = render_chat(self.target, [{"role": "user", "content": "Hello"}], self.options)
+        for index in range(count):
+            self.decode([ids], seed=index)
