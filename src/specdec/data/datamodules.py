@@ -20,6 +20,7 @@ from specdec.data.cache_builder import TokenizeOptions, build_target_cache
 from specdec.data.cache_reader import cache_shard_urls
 from specdec.data.cache_stream import TargetCacheStream
 from specdec.data.chat import TokenizeSummary, tokenize_conversations
+from specdec.data.eval_sets import EvalSetsSpec, eval_dataloader
 from specdec.data.manifest import MANIFEST_NAME, CacheMismatchError, read_manifest
 from specdec.data.online import ConversationBatches, OnlineTargetFeatures
 from specdec.data.prompts import iter_conversations
@@ -56,6 +57,14 @@ def check_drafter_match(layer_ids: list[int], hidden_size: int, config: Any, sou
         problems.append(f"hidden size: {source} has {hidden_size}, the drafter expects {expected_hidden}")
     if problems:
         raise CacheMismatchError(f"{source} does not fit the drafter: " + "; ".join(problems))
+
+
+def _eval_prompts_loader(datamodule: L.LightningDataModule):
+    """``specdec test`` batches: this rank's eval prompts, as ``list[EvalPrompt]``."""
+    if datamodule.eval_sets is None:
+        raise ValueError("`specdec test` needs eval prompts: set the DataModule's `eval_sets` (eval_dir, tasks, ...)")
+    rank, world_size = _trainer_rank(datamodule)
+    return eval_dataloader(datamodule.eval_sets, rank, world_size)
 
 
 def _trainer_rank(datamodule: L.LightningDataModule) -> tuple[int, int]:
@@ -119,6 +128,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         feature_dtype: dtype of the decoded features (``bfloat16``, ``float16``, ``float32``).
         pad_token_id: the id written after a sequence's end (never attended to, never supervised).
         target: if set, the cache must have been built from this target.
+        eval_sets: the eval prompts ``specdec test`` decodes (``test_dataloader`` yields ``list[EvalPrompt]``).
         build: if the cache is missing, ``prepare_data`` builds it from this spec (once per node).
     """
 
@@ -134,6 +144,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         feature_dtype: str = "bfloat16",
         pad_token_id: int = 0,
         target: str | None = None,
+        eval_sets: EvalSetsSpec | None = None,
         build: CacheBuildSpec | None = None,
     ) -> None:
         super().__init__()
@@ -147,6 +158,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         self.dtype = dtype_named(feature_dtype)
         self.pad_token_id = pad_token_id
         self.target = target
+        self.eval_sets = eval_sets
         self.build = build
         self.manifest: dict[str, Any] | None = None
         self.train_stream: TargetCacheStream | None = None
@@ -232,6 +244,9 @@ class TargetCacheDataModule(L.LightningDataModule):
             self.setup("validate")
         return ResumableDataLoader(self.val_stream, num_workers=self.num_workers)
 
+    def test_dataloader(self):
+        return _eval_prompts_loader(self)
+
 
 class OnlineTargetDataModule(L.LightningDataModule):
     """Micro-batches of tokenised conversations whose target features are computed on the training device.
@@ -254,6 +269,7 @@ class OnlineTargetDataModule(L.LightningDataModule):
         min_loss_tokens: conversations with fewer supervised tokens are skipped (and counted).
         pad_token_id: the id written after a sequence's end.
         target_dtype: dtype the target runs in (``auto``: fp32 on CPU, bf16 on recent GPUs).
+        eval_sets: the eval prompts ``specdec test`` decodes (``test_dataloader`` yields ``list[EvalPrompt]``).
     """
 
     def __init__(
@@ -272,6 +288,7 @@ class OnlineTargetDataModule(L.LightningDataModule):
         min_loss_tokens: int = 1,
         pad_token_id: int = 0,
         target_dtype: str = "auto",
+        eval_sets: EvalSetsSpec | None = None,
     ) -> None:
         super().__init__()
         self.data = data
@@ -288,6 +305,7 @@ class OnlineTargetDataModule(L.LightningDataModule):
         self.dtype = dtype_named(feature_dtype)
         self.pad_token_id = pad_token_id
         self.target_dtype = target_dtype
+        self.eval_sets = eval_sets
         self.features: OnlineTargetFeatures | None = None
         self.train_batches: ConversationBatches | None = None
         self.val_batches: ConversationBatches | None = None
@@ -309,6 +327,8 @@ class OnlineTargetDataModule(L.LightningDataModule):
         ]
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "test":
+            return  # eval prompts need no target features (the module decodes with its own target)
         if self.features is None:
             from specdec.targets import load_target
 
@@ -340,9 +360,12 @@ class OnlineTargetDataModule(L.LightningDataModule):
             self.setup("validate")
         return ResumableDataLoader(self.val_batches, num_workers=self.num_workers)
 
+    def test_dataloader(self):
+        return _eval_prompts_loader(self)
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        if "target_hidden_states" in batch:
-            return batch
+        if not isinstance(batch, Mapping) or "target_hidden_states" in batch:
+            return batch  # eval prompts (``specdec test``) or features computed already
         if self.features is None:
             self.setup()
         return self.features(batch)
