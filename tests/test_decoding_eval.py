@@ -1,0 +1,65 @@
+"""`specdec test` through the mixin: eval prompts decoded against the tiny target, table printed, metrics logged."""
+
+import csv
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from specdec.data.datamodules import TargetCacheDataModule
+from specdec.data.eval_sets import EvalSetsSpec, EvalTask, write_eval_set
+from specdec.decoding import DecodingOptions
+from specdec.drafters import DSparkConfig, DSparkDrafter
+from specdec.lightning.speculative_test import SpeculativeTestMixin
+from specdec.targets import TINY_TARGET, load_target, read_target_head
+
+
+class TinyDrafterModule(SpeculativeTestMixin, L.LightningModule):
+    """The four attributes the mixin relies on, around an untrained DSpark drafter of the tiny target."""
+
+    def __init__(self, decoding: DecodingOptions) -> None:
+        super().__init__()
+        self.target_name = TINY_TARGET
+        self.decoding_options = decoding
+        target = load_target(TINY_TARGET, device="cpu")
+        self._target = target
+        torch.manual_seed(0)
+        config = DSparkConfig.from_target(
+            target.model.config,
+            [1, 3],
+            num_hidden_layers=1,
+            mask_token_id=target.tokenizer.mask_token_id,
+            block_size=4,
+            markov_rank=16,
+        )
+        self.drafter = DSparkDrafter(config)
+        self.drafter.attach_target_head(read_target_head(TINY_TARGET))
+
+    def load_target(self):
+        return self._target
+
+
+def test_specdec_test_decodes_eval_sets_and_logs_per_dataset(tmp_path, capsys):
+    write_eval_set(tmp_path / "sums.jsonl", [{"turns": [f"Write a function that adds {i} numbers."]} for i in range(3)])
+    write_eval_set(tmp_path / "chat.jsonl", [{"turns": ["What does os.path do?", "And shutil?"]}])
+    spec = EvalSetsSpec(
+        str(tmp_path), tasks=[EvalTask("sums", 2, "code"), EvalTask("chat", None, "chat")], all_turns=["chat"]
+    )
+    module = TinyDrafterModule(DecodingOptions(temperature=1.0, max_new_tokens=12, seed=1, warmup_prompts=0))
+    trainer = L.Trainer(
+        accelerator="cpu", logger=CSVLogger(tmp_path / "logs"), enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.test(module, datamodule=TargetCacheDataModule(str(tmp_path / "unused"), eval_sets=spec))
+    printed = capsys.readouterr().out
+    for column in ("dataset", "#propose", "accept_len", "verify_rate", "accept_rate@0", "cond_accept@3", "speedup"):
+        assert column in printed
+    results = module.speculative_test_results
+    assert results["dataset/sums"]["rounds"] > 0 and results["dataset/chat"]["rounds"] > 0
+    assert results["domain/code"]["tau"] == results["dataset/sums"]["tau"]
+    assert 1.0 <= results["all"]["tau"] <= 5.0 and results["all"]["propose"] <= 4.0
+    assert results["all"]["tokens_per_second"] > 0 and results["all"]["ar_tokens_per_second"] > 0
+    # 2 prompts of `sums` plus 2 turns of `chat`, 12 tokens at most each
+    assert results["all"]["rounds"] <= 4 * 11
+    with open(trainer.logger.log_dir + "/metrics.csv") as handle:
+        header = next(csv.reader(handle))
+    assert {"test/tau", "test/dataset/sums/tau", "test/domain/chat/accept_rate@0", "test/speedup"} <= set(header)
