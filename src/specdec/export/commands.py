@@ -62,13 +62,13 @@ def export_command(
     from specdec.export.api import export_drafter
     from specdec.export.parity import check_export_parity
     from specdec.export.provenance import Provenance, cache_manifest_id
-    from specdec.export.source import load_drafter
+    from specdec.export.source import load_drafter, recorded_target
     from specdec.targets import resolve_target
 
     record = _source_record(source)
-    target = target or record.get("target")
+    target = target or recorded_target(source)
     if target is None:
-        raise ValueError(f"{source}: give --target (the drafter directory records none)")
+        raise ValueError(f"{source}: give --target (the drafter records no target)")
     manifest_id = cache_manifest_id(cache_manifest) if cache_manifest is not None else record.get("cache_manifest_id")
     trained_with = _read_train_config(train_config) or record.get("hyper_parameters")
     drafter = load_drafter(source, target, revision=revision)

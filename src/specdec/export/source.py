@@ -7,6 +7,7 @@ embedding and LM head are read again from the target. A Lightning ``.ckpt`` hold
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def load_drafter(source: str | Path, target: str | None = None, revision: str | 
         if not isinstance(drafter, DSparkDrafter | Eagle3Drafter):
             raise TypeError(f"{path}/config.json describes a {type(drafter).__name__}, not a specdec drafter")
     elif path.suffix == ".ckpt" and path.is_file():
-        drafter = drafter_from_lightning_checkpoint(path, target)
+        drafter, recorded_target = _from_lightning_checkpoint(path, target)
+        target = target or recorded_target
     else:
         raise FileNotFoundError(f"{path} is neither an HF drafter directory nor a Lightning .ckpt file")
     drafter = drafter.float().eval()
@@ -85,6 +87,11 @@ def load_drafter(source: str | Path, target: str | None = None, revision: str | 
 
 def drafter_from_lightning_checkpoint(path: str | Path, target: str | None = None) -> Drafter:
     """Rebuild the drafter of a LightningModule checkpoint from its ``state_dict`` and hyper-parameters."""
+    return _from_lightning_checkpoint(path, target)[0]
+
+
+def _from_lightning_checkpoint(path: str | Path, target: str | None) -> tuple[Drafter, str | None]:
+    """The drafter and the target recorded in the checkpoint (specdec modules store both at the top level)."""
     # The checkpoint is the user's own training output; it pickles hyper-parameters, so weights_only is off.
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if "state_dict" not in checkpoint:
@@ -95,12 +102,15 @@ def drafter_from_lightning_checkpoint(path: str | Path, target: str | None = Non
             f"{path}: no 'drafter.*' tensors in state_dict (keys start {sorted(checkpoint['state_dict'])[:3]})"
         )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    config = _config_from_hparams(hparams, weights, target, path)
+    if "drafter_config" in checkpoint:
+        hparams["drafter_config"] = checkpoint["drafter_config"]
+    recorded_target = checkpoint.get("target") or hparams.get("target")
+    config = _config_from_hparams(hparams, weights, target or recorded_target, path)
     drafter = (DSparkDrafter if isinstance(config, DSparkConfig) else Eagle3Drafter)(config)
     missing, unexpected = drafter.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise KeyError(f"{path}: drafter weights do not match the config (missing {missing}, unexpected {unexpected})")
-    return drafter
+    return drafter, recorded_target
 
 
 def _is_eagle3(weights: dict[str, Any]) -> bool:
@@ -111,8 +121,8 @@ def _config_from_hparams(hparams: dict[str, Any], weights: dict[str, Any], targe
     eagle3 = _is_eagle3(weights)
     given = hparams.get("drafter_config")
     if isinstance(given, dict):
-        return (Eagle3Config if eagle3 else DSparkConfig)(**given)
-    target = hparams.get("target", target)
+        fields = {key: value for key, value in given.items() if key not in ("model_type", "transformers_version")}
+        return (Eagle3Config if eagle3 else DSparkConfig)(**fields)
     layer_ids = hparams.get("layer_ids")
     if target is None or layer_ids is None:
         raise KeyError(
@@ -137,3 +147,15 @@ def _config_from_hparams(hparams: dict[str, Any], weights: dict[str, Any], targe
         mask_token_id=mask,
         **overrides,
     )
+
+
+def recorded_target(source: str | Path) -> str | None:
+    """The target a training run recorded with its drafter: the HF directory's provenance or the ``.ckpt``'s."""
+    path = Path(source)
+    if path.is_dir():
+        record = path / "specdec_provenance.json"
+        return json.loads(record.read_text()).get("target") if record.exists() else None
+    if path.suffix == ".ckpt" and path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return checkpoint.get("target") or (checkpoint.get("hyper_parameters") or {}).get("target")
+    return None
