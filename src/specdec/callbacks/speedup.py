@@ -1,0 +1,122 @@
+"""In-loop speedup evaluation: real speculative decoding of a few prompts against the target while training.
+
+Every ``every_n_steps`` optimizer steps and when training ends, the module's drafter decodes the prompts with
+the target (lossless rejection sampling, the module's ``decoding_options``) and the target decodes them alone;
+τ (bonus included), #propose, prefix survival, tokens/s of both, the wall-clock speedup and the ideal speedup
+are logged under ``speedup/`` to every logger, and printed when training ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import lightning as L
+import torch
+
+from specdec.data.eval_sets import EvalSetsSpec, load_eval_prompts
+from specdec.decoding.evaluate import SpeculativeEvaluator
+from specdec.decoding.options import DecodingOptions
+from specdec.metrics import AcceptanceMetrics, SpeedMetrics
+
+DEFAULT_PROMPTS = (
+    "Write a Python function `merge_intervals(intervals)` that merges overlapping intervals.",
+    "What does the `functools.lru_cache` decorator do?",
+    "Write a Python function `parse_header(line)` that splits an HTTP header line into name and value.",
+    "Explain what `os.path.join` returns on POSIX systems.",
+)
+
+
+class SpeedupEvaluation(L.Callback):
+    """Measure τ and wall-clock speedup of the drafter being trained, by decoding a few prompts for real.
+
+    Args:
+        every_n_steps: how often (optimizer steps); 0 = only when training ends.
+        prompts: user prompts (default: a few code-assistant prompts, or ``eval_sets`` when given).
+        eval_sets: take the prompts from eval sets instead (capped by ``num_prompts``).
+        num_prompts: at most this many prompts per evaluation (split across ranks).
+        max_new_tokens: tokens per prompt (default: the module's ``decoding_options``).
+        temperature: sampling temperature (default: the module's ``decoding_options``).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        prompts: list[str] | None = None,
+        eval_sets: EvalSetsSpec | None = None,
+        num_prompts: int = 4,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.prompts = prompts
+        self.eval_sets = eval_sets
+        self.num_prompts = num_prompts
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.last: dict[str, float] = {}
+        self._last_step = -1
+        self._warm = False
+
+    def _conversations(self) -> list[list[str]]:
+        if self.prompts is not None:
+            conversations = [[prompt] for prompt in self.prompts]
+        elif self.eval_sets is not None:
+            conversations = [prompt.turns for prompt in load_eval_prompts(self.eval_sets)]
+        else:
+            conversations = [[prompt] for prompt in DEFAULT_PROMPTS]
+        return conversations[: self.num_prompts]
+
+    def _options(self, pl_module) -> DecodingOptions:
+        options = getattr(pl_module, "decoding_options", None) or DecodingOptions()
+        changes = {"measure_speedup": True}
+        if self.max_new_tokens is not None:
+            changes["max_new_tokens"] = self.max_new_tokens
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+        return replace(options, **changes)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Decode this rank's share of the prompts both ways; values are summed over ranks."""
+        options = self._options(pl_module)
+        evaluator = SpeculativeEvaluator(pl_module.load_target(), pl_module.drafter, options)
+        if not self._warm and options.warmup_prompts:
+            evaluator.warmup()
+            self._warm = True
+        acceptance = AcceptanceMetrics(evaluator.max_drafts).to(pl_module.device)
+        speed = SpeedMetrics().to(pl_module.device)
+        conversations = self._conversations()[trainer.global_rank :: trainer.world_size]
+        for index, turns in enumerate(conversations):
+            for outputs in evaluator.conversations([turns], options.seed + index):
+                acceptance.update_from(outputs.speculative.results)
+                speed.update(outputs.speculative, outputs.autoregressive)
+        values = {**acceptance.compute(), **speed.compute()}
+        keep = ("tau", "propose", "verify_rate", "accept_rate@0", "tokens_per_second", "ar_tokens_per_second")
+        keep += ("speedup", "ideal_speedup")
+        return {f"speedup/{name}": float(values[name]) for name in keep}
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last = self.evaluate(trainer, pl_module)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.last, step=trainer.global_step)
+                logger.save()
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in self.last.items()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self._run(trainer, pl_module)
+        if trainer.is_global_zero:
+            last = self.last
+            print(
+                f"τ {last['speedup/tau']:.2f} (incl. bonus)  speedup {last['speedup/speedup']:.2f}x wall-clock "
+                f"({last['speedup/tokens_per_second']:.1f} vs {last['speedup/ar_tokens_per_second']:.1f} tokens/s), "
+                f"ideal {last['speedup/ideal_speedup']:.2f}x  at step {trainer.global_step}"
+            )
