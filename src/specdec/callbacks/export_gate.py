@@ -84,6 +84,8 @@ class ExportParityCheck(L.Callback):
     # ---- the check itself (usable without a Trainer) -------------------------------------------------
     def check(self, drafter: Drafter, target: str | None = None) -> dict[str, ParityReport | str]:
         """Per format: a :class:`ParityReport`, or the reason the format cannot express the drafter."""
+        if any(tensor.device.type != "cpu" for tensor in drafter.state_dict().values()):
+            drafter = _cpu_copy(drafter, None)  # the comparison runs on CPU in fp32
         results: dict[str, ParityReport | str] = {}
         provenance = Provenance(target=target or self.target or "unknown-target")
         for name in self.formats or FORMATS:

@@ -36,19 +36,21 @@ def _token_ids(target_config: PretrainedConfig | None) -> dict[str, Any]:
     return {key: getattr(text, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
-def _require_depth(config: PretrainedConfig, target_config: PretrainedConfig | None) -> int:
+def _require_depth(config: PretrainedConfig, target_config: PretrainedConfig | None, format_name: str) -> int:
     depth = num_target_layers(config, target_config)
     if depth is None:
         raise UnsupportedDrafterError(
-            FORMAT, "num_target_layers is unknown: pass the target (or build the drafter with from_target)"
+            format_name, "num_target_layers is unknown: pass the target (or build the drafter with from_target)"
         )
     return depth
 
 
-def dspark_config(drafter: DSparkDrafter, target_config: PretrainedConfig | None, dtype: torch.dtype) -> dict[str, Any]:
+def dspark_config(
+    drafter: DSparkDrafter, target_config: PretrainedConfig | None, dtype: torch.dtype, format_name: str = FORMAT
+) -> dict[str, Any]:
     """config.json of a ``Qwen3DSparkModel`` / ``Gemma4DSparkModel``."""
     config = drafter.config
-    depth = _require_depth(config, target_config)
+    depth = _require_depth(config, target_config, format_name)
     rank = int(config.markov_rank)
     fields = decoder_fields(config, target_config, config.vocab_size)
     layers = config.num_hidden_layers
@@ -109,7 +111,7 @@ def eagle3_config(drafter: Eagle3Drafter, target_config: PretrainedConfig | None
         "use_sliding_window": False,
         "sliding_window": None,
         "target_layer_ids": output_of_layer_ids(config.target_layer_ids),
-        "num_target_layers": _require_depth(config, target_config),
+        "num_target_layers": _require_depth(config, target_config, FORMAT),
         "ttt_length": config.ttt_length,
         "step_loss_decay": config.step_loss_decay,
         "torch_dtype": dtype_name(dtype),

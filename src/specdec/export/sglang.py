@@ -100,7 +100,7 @@ def export_sglang(
         config, tensors = dflash_export(drafter, target_config, dtype)
         engine_ids = {"dflash_config.target_layer_ids": config["dflash_config"]["target_layer_ids"]}
     else:
-        config, tensors = dspark_config(drafter, target_config, dtype), dspark_tensors(drafter)
+        config, tensors = dspark_config(drafter, target_config, dtype, FORMAT), dspark_tensors(drafter)
         engine_ids = {"target_layer_ids": config["target_layer_ids"]}
     record = provenance_record(
         provenance,
