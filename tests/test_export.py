@@ -28,6 +28,15 @@ VOCAB, HIDDEN, TARGET_LAYERS = 64, 32, 6
 PROVENANCE = Provenance(target="org/tiny-target")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU spinning threads cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def target_head(width: int = HIDDEN) -> TargetHead:
     generator = torch.Generator().manual_seed(5)
     embed, head = torch.randn(VOCAB, width, generator=generator), torch.randn(VOCAB, width, generator=generator)
@@ -343,6 +352,9 @@ def _deepspec_checkpoint(directory, rank: int = 8):
     }
     generator = torch.Generator().manual_seed(4)
     tensors = {name: torch.randn(shape, generator=generator).to(torch.bfloat16) for name, shape in shapes.items()}
+    # Released checkpoints were written by transformers 4.x: RoPE as rope_theta / rope_scaling only.
+    config.pop("rope_parameters", None)
+    config.update(rope_theta=1_000_000.0, rope_scaling=None, torch_dtype="bfloat16")
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(directory / "model.safetensors"))
@@ -354,6 +366,7 @@ def test_deepspec_checkpoint_imports_and_exports_back_to_the_same_layout(tmp_pat
     drafter = load_deepspec(tmp_path / "released")
     assert isinstance(drafter, DSparkDrafter) and drafter.config.target_layer_ids == [1, 3]
     assert drafter.config.anchor_convention == "deepspec" and drafter.config.markov_rank == 8
+    assert drafter.config.rope_parameters == {"rope_type": "default", "rope_theta": 1_000_000.0}
     path = export_drafter(drafter, "deepspec", tmp_path / "again", provenance=PROVENANCE)
     exported = load_file(path / "model.safetensors")
     assert set(exported) == set(original)
