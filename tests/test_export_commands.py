@@ -218,3 +218,10 @@ def test_callback_records_refusals_and_catches_a_broken_exporter(monkeypatch):
 def test_callback_checks_a_saved_directory(drafter_dir):
     results = ExportParityCheck(formats=["vllm", "sglang"]).check_directory(drafter_dir, TINY_TARGET)
     assert {name: report.passed for name, report in results.items()} == {"vllm": True, "sglang": True}
+
+
+def test_callback_reads_the_target_head_when_the_module_has_not_attached_it(tiny_config):
+    module = DrafterModule(tiny_dspark(tiny_config))  # configure_model has not run: no head attached yet
+    checkpoint = {"state_dict": {f"drafter.{k}": v for k, v in module.drafter.state_dict().items()}}
+    ExportParityCheck(formats=["sglang"]).on_save_checkpoint(_Trainer(), module, checkpoint)
+    assert checkpoint["export_parity"]["sglang"]["draft_logits"] == 0.0

@@ -24,6 +24,7 @@ from specdec.export.expressible import FORMATS, unsupported_reasons
 from specdec.export.parity import ParityReport, check_export_parity
 from specdec.export.provenance import Provenance
 from specdec.export.source import Drafter, has_target_head, load_drafter, strip_trainer_prefixes, target_head_of
+from specdec.targets import read_target_head
 
 
 def _cpu_copy(drafter: Drafter, state_dict: dict[str, torch.Tensor] | None) -> Drafter:
@@ -122,7 +123,12 @@ class ExportParityCheck(L.Callback):
             raise TypeError("ExportParityCheck needs pl_module.drafter to be a DSparkDrafter or Eagle3Drafter")
         weights = strip_trainer_prefixes(checkpoint.get("state_dict") or {})
         target = self.target or getattr(pl_module, "target_name", None)
-        results = self.check(_cpu_copy(live, weights), target)
+        drafter = _cpu_copy(live, weights)
+        if not has_target_head(drafter):
+            if target is None:
+                raise RuntimeError("ExportParityCheck: the drafter has no target head and no target name to read it")
+            drafter.attach_target_head(read_target_head(target))
+        results = self.check(drafter, target)
         summary = {
             name: result.max_abs_diff if isinstance(result, ParityReport) else {"refused": result}
             for name, result in results.items()
