@@ -102,7 +102,7 @@ def drafter_outputs(drafter: Drafter, inputs: dict[str, torch.Tensor], seed: int
 
 def rounded_reference(drafter: Drafter, dtype: torch.dtype, round_head: tuple[str, ...] = ()) -> Drafter:
     """A copy of ``drafter`` in fp32 whose weights (and the shipped parts of its target head) went through ``dtype``."""
-    reference = copy.deepcopy(drafter).float().eval()
+    reference = copy.deepcopy(drafter).float().cpu().eval()
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.copy_(parameter.to(dtype).float())
