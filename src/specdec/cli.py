@@ -1,4 +1,9 @@
-"""The ``specdec`` program: one entry point for every step, each a subcommand with flags from its signature."""
+"""The ``specdec`` program: one entry point for every step.
+
+``fit`` / ``validate`` / ``test`` / ``predict`` are LightningCLI subcommands (YAML configs with ``class_path`` /
+``init_args``, every field overridable on the command line); the other subcommands are tools whose flags come
+from their function signatures.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ from jsonargparse import auto_cli
 from specdec.data.regenerate import regenerate_command
 from specdec.data.serve import serve_command
 from specdec.demo import demo
+from specdec.export.commands import export_command, import_command, parity_command, validate_command
 from specdec.targets import TINY_TARGET
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def target_info(target: str = TINY_TARGET, layer_ids: list[int] | None = None) -> None:
@@ -187,6 +195,13 @@ COMMANDS = {
         "build": cache_build,
         "verify": cache_verify,
     },
+    "export": export_command,
+    "import": import_command,
+    "export-check": {
+        "_help": "Check an exported drafter: its engine contract, and logit parity with the original.",
+        "validate": validate_command,
+        "parity": parity_command,
+    },
     "target": {
         "_help": "Inspect and build targets.",
         "info": target_info,
@@ -195,8 +210,33 @@ COMMANDS = {
 }
 
 
+def lightning_main(args: list[str] | None) -> None:
+    """``specdec fit|validate|test|predict``: LightningCLI over any drafter module and DataModule."""
+    from specdec.lightning.cli import SpecdecCLI
+
+    SpecdecCLI(args=args)
+
+
+def print_overview() -> None:
+    print(
+        "specdec: train and evaluate draft models for speculative decoding\n\n"
+        "Training and evaluation (LightningCLI; `specdec fit --help`):\n"
+        "  fit        train a drafter:    specdec fit --config configs/quickstart.yaml\n"
+        "  validate   validation losses and acceptance on held-out cache batches\n"
+        "  test       speculative decoding on eval sets: tau, acceptance by position, speedup\n"
+        "  predict    run the model's predict step\n\n"
+        "Tools:"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in LIGHTNING_SUBCOMMANDS:
+        lightning_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+        return
+    if not args or args[0] in ("-h", "--help"):
+        print_overview()
+        args = ["--help"]
     try:
         auto_cli(COMMANDS, args=args, as_positional=False)
     except (OSError, ValueError) as error:  # bad paths, layer ids, arguments: the message says what to fix

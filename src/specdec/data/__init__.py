@@ -1,4 +1,4 @@
-"""Data: prompt import, chat templates and loss masks."""
+"""Data: prompt import, chat templates and loss masks, target caches and the DataModules that stream them."""
 
 from specdec.data.chat import (
     AssistantTurn,
@@ -11,18 +11,22 @@ from specdec.data.chat import (
     tokenize_conversations,
 )
 from specdec.data.conversations import Conversation, InvalidConversation, Message, Provenance, validate_messages
+from specdec.data.datamodules import CacheBuildSpec, OnlineTargetDataModule, TargetCacheDataModule
 from specdec.data.prompts import ImportSummary, Rejection, iter_conversations, read_conversations
 
 __all__ = [
     "AssistantTurn",
+    "CacheBuildSpec",
     "ChatTemplateError",
     "Conversation",
     "ImportSummary",
     "InvalidConversation",
     "Message",
+    "OnlineTargetDataModule",
     "Provenance",
     "Rejection",
     "RenderedConversation",
+    "TargetCacheDataModule",
     "TokenizeSummary",
     "TokenizedConversation",
     "iter_conversations",

@@ -130,6 +130,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         target: if set, the cache must have been built from this target.
         eval_sets: the eval prompts ``specdec test`` decodes (``test_dataloader`` yields ``list[EvalPrompt]``).
         build: if the cache is missing, ``prepare_data`` builds it from this spec (once per node).
+        val_build: the same for ``val_cache``.
     """
 
     def __init__(
@@ -146,6 +147,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         target: str | None = None,
         eval_sets: EvalSetsSpec | None = None,
         build: CacheBuildSpec | None = None,
+        val_build: CacheBuildSpec | None = None,
     ) -> None:
         super().__init__()
         self.cache = os.fspath(cache)
@@ -160,6 +162,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         self.target = target
         self.eval_sets = eval_sets
         self.build = build
+        self.val_build = val_build
         self.manifest: dict[str, Any] | None = None
         self.train_stream: TargetCacheStream | None = None
         self.val_stream: TargetCacheStream | None = None
@@ -168,13 +171,15 @@ class TargetCacheDataModule(L.LightningDataModule):
         return cache if cache.endswith(MANIFEST_NAME) else str(Path(cache) / MANIFEST_NAME)
 
     def prepare_data(self) -> None:
-        if self.build is None or "://" in self.cache or self.cache.startswith("pipe:"):
-            return
-        if Path(self._manifest_location(self.cache)).exists():
+        for cache, spec in ((self.cache, self.build), (self.val_cache, self.val_build)):
+            if cache is not None and spec is not None:
+                self._build_missing(cache, spec)
+
+    def _build_missing(self, cache: str, spec: CacheBuildSpec) -> None:
+        if "://" in cache or cache.startswith("pipe:") or Path(self._manifest_location(cache)).exists():
             return
         from specdec.targets import load_target
 
-        spec = self.build
         target = load_target(spec.target, device=spec.device)
         data = spec.data
         if spec.answers is not None:
@@ -190,7 +195,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         report = build_target_cache(
             target,
             conversations,
-            Path(self._manifest_location(self.cache)).parent,
+            Path(self._manifest_location(cache)).parent,
             spec.layer_ids,
             spec.tokenize_options(),
             codec=spec.codec,

@@ -223,12 +223,32 @@ class DrafterModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["drafter_config"] = self.drafter.config.to_dict()
         checkpoint["target"] = self.target_name
+        checkpoint["world_size"] = self.trainer.world_size
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming on another number of ranks: re-express the epoch's per-rank micro-batch count.
+
+        Lightning counts micro-batches per rank and derives the accumulation boundary from that count. A step
+        of ``W`` ranks consumed ``W`` global micro-batches per rank-batch, so the same position on ``W'`` ranks
+        is ``count · W / W'`` (the data loader's saved position is converted the same way).
+        """
+        saved = checkpoint.get("world_size")
+        trainer = self._trainer
+        if saved is None or trainer is None or saved == trainer.world_size:
+            return
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if progress is None:
+            return
+        for counts in (progress["total"], progress["current"]):
+            unfinished = counts["processed"] - counts["completed"]
+            processed = counts["processed"] * saved // trainer.world_size
+            counts.update(ready=processed, started=processed, processed=processed, completed=processed - unfinished)
 
     def save_drafter(self, directory: str, **provenance: Any) -> None:
         """Write the drafter as an HF directory (config.json + safetensors), without the frozen target tensors."""
         from specdec.lightning.checkpoint import save_drafter_directory
 
-        save_drafter_directory(self, directory, **provenance)
+        save_drafter_directory(self, directory, trainer=self._trainer, **provenance)
 
 
 def _metric_key(name: str) -> str:
