@@ -192,3 +192,25 @@ def test_global_batch_size_derives_accumulation(cache, tmp_path):
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[GlobalBatchSize(8)])
     trainer.fit(module, datamodule=TargetCacheDataModule(str(cache), batch_size=2))
     assert trainer.accumulate_grad_batches == 4
+
+
+def test_wandb_offline_tensorboard_and_csv_loggers_receive_the_metrics(cache, tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    loggers = [
+        WandbLogger(project="specdec-test", save_dir=str(tmp_path), offline=True),
+        TensorBoardLogger(str(tmp_path), name="tb"),
+        CSVLogger(str(tmp_path), name="csv"),
+    ]
+    module = DSparkModule(TINY_TARGET, LAYER_IDS, num_hidden_layers=1, drafter=SMALL_DSPARK)
+    trainer = quiet_trainer(tmp_path, max_steps=3, logger=loggers, log_every_n_steps=1)
+    trainer.fit(module, datamodule=TargetCacheDataModule(str(cache), batch_size=2))
+    loggers[0].experiment.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs and runs[0].stat().st_size > 0
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    header = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "train/loss" in header and "train/accept_rate@0" in header

@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig, PreTrainedModel
 
+from specdec.decoding.options import DecodingOptions
 from specdec.lightning.metrics import RatioMetric
 from specdec.lightning.schedule import warmup_cosine_scheduler
+from specdec.lightning.speculative_test import SpeculativeTestMixin
 from specdec.targets import read_target_head
 from specdec.targets.known import target_config
 
@@ -47,7 +49,7 @@ def step_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class DrafterModule(L.LightningModule):
+class DrafterModule(SpeculativeTestMixin, L.LightningModule):
     """Base of the drafter LightningModules (see the module docstring for the loss scaling).
 
     Args:
@@ -61,7 +63,7 @@ class DrafterModule(L.LightningModule):
         loss_impl: vocabulary-loss path: ``auto``, ``reference``, ``chunked`` or ``triton``.
         seed: seed of the per-micro-batch randomness (anchor sampling), so runs and resumes are repeatable.
         compile: wrap the drafter's training forward in ``torch.compile``.
-        decoding: options of speculative decoding in ``specdec test`` and the in-loop evaluation callbacks.
+        decoding: how ``specdec test`` and the in-loop evaluation callbacks decode (temperature, lengths, …).
     """
 
     drafter: PreTrainedModel
@@ -78,14 +80,14 @@ class DrafterModule(L.LightningModule):
         loss_impl: str = "auto",
         seed: int = 0,
         compile: bool = False,
-        decoding: Any = None,
+        decoding: DecodingOptions | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # collects the subclass's arguments too
         self.target_name = target
         self.layer_ids = list(layer_ids)
         self.target_config: PretrainedConfig = target_config(target)
-        self.decoding_options = decoding if decoding is not None else _default_decoding_options()
+        self.decoding_options = decoding if decoding is not None else DecodingOptions()
         self._loaded_target = None
         self._window: list[torch.Tensor] = []  # per micro-batch [weight, weighted_sum, terms...] of this step
         self._window_terms: list[str] = []
@@ -254,12 +256,3 @@ class DrafterModule(L.LightningModule):
 def _metric_key(name: str) -> str:
     """A ModuleDict key for a logged name (module names cannot hold dots or slashes)."""
     return name.replace("/", "_").replace(".", "_").replace("@", "_at_")
-
-
-def _default_decoding_options() -> Any:
-    """The decoding package's defaults, when it is installed alongside (it is part of specdec)."""
-    try:
-        from specdec.decoding import DecodingOptions
-    except ImportError:
-        return None
-    return DecodingOptions()
