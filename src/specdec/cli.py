@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jsonargparse import auto_cli
 
+from specdec.data.eval_sets import fetch_evals
 from specdec.data.regenerate import regenerate_command
 from specdec.data.serve import serve_command
 from specdec.demo import demo
@@ -188,6 +189,7 @@ COMMANDS = {
         "_help": "Prompt data: regenerate answers with the target, serve a target over an OpenAI-compatible API.",
         "regenerate": regenerate_command,
         "serve": serve_command,
+        "fetch-evals": fetch_evals,
     },
     "cache": {
         "_help": "Target-cache tools.",
