@@ -116,7 +116,8 @@ class DSparkModule(DrafterModule):
 
     def _forward(self, *args):
         if self.hparams.compile and self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self.drafter, dynamic=True)
+            # Kept out of the module tree: registered, it would duplicate every drafter tensor in the state_dict.
+            self.__dict__["_compiled_forward"] = torch.compile(self.drafter, dynamic=True)
         forward = self._compiled_forward if self.hparams.compile else self.drafter
         return forward(*args)
 
