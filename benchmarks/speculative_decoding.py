@@ -94,6 +94,29 @@ def train_drafter(target, workdir: Path, args) -> tuple[torch.nn.Module, dict]:
     return module.drafter.eval(), info
 
 
+def evaluate(target, drafter, temperature: float, args) -> dict:
+    """Held-out prompts decoded both ways at ``temperature`` (batch size 1, same seeds for both decoders)."""
+    options = DecodingOptions(temperature=temperature, max_new_tokens=args.max_new_tokens, warmup_prompts=2)
+    evaluator = SpeculativeEvaluator(target, drafter, options)
+    evaluator.warmup()
+    acceptance, speed = AcceptanceMetrics(evaluator.max_drafts), SpeedMetrics()
+    for index, question in enumerate(prompts(args.eval_prompts, seed=12345)):  # held out: another seed
+        outputs = evaluator.decode([render_chat(target, [{"role": "user", "content": question}], options)], index)
+        acceptance.update_from(outputs.speculative.results)
+        speed.update(outputs.speculative, outputs.autoregressive)
+    values = {name: float(value) for name, value in {**acceptance.compute(), **speed.compute()}.items()}
+    keys = ("tau", "propose", "verify_rate", "tokens_per_second", "ar_tokens_per_second", "speedup", "ideal_speedup")
+    keys += ("draft_ms_per_round", "verify_ms_per_round", "ar_ms_per_step")
+    return {
+        "temperature": temperature,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": 1,
+        **{key: values[key] for key in keys},
+        "accept_rate": [values[f"accept_rate@{k}"] for k in range(evaluator.max_drafts)],
+        "cond_accept": [values[f"cond_accept@{k}"] for k in range(evaluator.max_drafts)],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drafter", help="an HF drafter directory for the tiny target (default: train one)")
@@ -103,10 +126,13 @@ def main() -> None:
     parser.add_argument("--layer-ids", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--eval-prompts", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.0])
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (tiny tensors: 1 avoids stalls)")
+    parser.add_argument("--save-drafter", help="also write the trained drafter here (reuse it with --drafter)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "speculative_decoding.json"))
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     target = load_target(TINY_TARGET, device="cpu")
     with tempfile.TemporaryDirectory() as workdir:
         if args.drafter:
@@ -115,36 +141,18 @@ def main() -> None:
             training = {"drafter": args.drafter}
         else:
             drafter, training = train_drafter(target, Path(workdir), args)
+            if args.save_drafter:
+                drafter.save_pretrained(args.save_drafter)
 
-    options = DecodingOptions(temperature=args.temperature, max_new_tokens=args.max_new_tokens, warmup_prompts=2)
-    evaluator = SpeculativeEvaluator(target, drafter, options)
-    evaluator.warmup()
-    acceptance, speed = AcceptanceMetrics(evaluator.max_drafts), SpeedMetrics()
-    for index, question in enumerate(prompts(args.eval_prompts, seed=12345)):  # held out: another seed
-        outputs = evaluator.decode([render_chat(target, [{"role": "user", "content": question}], options)], index)
-        acceptance.update_from(outputs.speculative.results)
-        speed.update(outputs.speculative, outputs.autoregressive)
-    values = {name: float(value) for name, value in {**acceptance.compute(), **speed.compute()}.items()}
+    runs = [evaluate(target, drafter, temperature, args) for temperature in args.temperatures]
     result = {
         "benchmark": "speculative_decoding",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "target": TINY_TARGET,
         "drafter": {"algorithm": "dspark", "block_size": drafter.config.block_size, **training},
-        "decoding": {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "batch_size": 1},
         "eval_prompts": args.eval_prompts,
-        "tau": values["tau"],
-        "propose": values["propose"],
-        "verify_rate": values["verify_rate"],
-        "accept_rate": [values[f"accept_rate@{k}"] for k in range(evaluator.max_drafts)],
-        "cond_accept": [values[f"cond_accept@{k}"] for k in range(evaluator.max_drafts)],
-        "tokens_per_second": values["tokens_per_second"],
-        "ar_tokens_per_second": values["ar_tokens_per_second"],
-        "speedup": values["speedup"],
-        "ideal_speedup": values["ideal_speedup"],
-        "draft_ms_per_round": values["draft_ms_per_round"],
-        "verify_ms_per_round": values["verify_ms_per_round"],
-        "ar_ms_per_step": values["ar_ms_per_step"],
+        "runs": runs,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
