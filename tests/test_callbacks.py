@@ -20,6 +20,15 @@ from tests.test_datamodules import write_conversations
 LAYER_IDS = [1, 3]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (several stall on a busy 2-core machine without getting faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_simulated_acceptance_is_expected_prefix_survival():
     target = torch.log(torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]]) + 1e-12)
     draft = torch.log(torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]]) + 1e-12)

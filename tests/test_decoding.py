@@ -32,6 +32,15 @@ POSITIONS = 4  # generated positions whose marginals are tested
 SAMPLES = 1500
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (several stall on a busy 2-core machine without getting faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_target() -> Qwen3ForCausalLM:
     """A random 3-layer Qwen3 with 16 tokens whose next-token distributions are far from uniform."""
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 import csv
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
@@ -12,6 +13,15 @@ from specdec.decoding import DecodingOptions
 from specdec.drafters import DSparkConfig, DSparkDrafter
 from specdec.lightning.speculative_test import SpeculativeTestMixin
 from specdec.targets import TINY_TARGET, load_target, read_target_head
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (several stall on a busy 2-core machine without getting faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyDrafterModule(SpeculativeTestMixin, L.LightningModule):
