@@ -214,3 +214,18 @@ def test_wandb_offline_tensorboard_and_csv_loggers_receive_the_metrics(cache, tm
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     header = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
     assert "train/loss" in header and "train/accept_rate@0" in header
+
+
+def test_compiled_training_step_matches_eager(cache, tmp_path):
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        module = DSparkModule(
+            TINY_TARGET, LAYER_IDS, num_hidden_layers=1, drafter=SMALL_DSPARK, compile=compiled, seed=3
+        )
+        record = RecordStepLoss()
+        trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[record])
+        trainer.fit(module, datamodule=TargetCacheDataModule(str(cache), batch_size=2, shuffle=False))
+        losses[compiled] = [record.losses[step] for step in sorted(record.losses)]
+        assert not any("compiled" in name for name in module.state_dict())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
