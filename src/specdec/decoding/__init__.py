@@ -1,5 +1,6 @@
 """Speculative decoding: the fp32 sampling path, proposals of each drafter, verification and its baseline."""
 
+from specdec.decoding.calibration import CalibrationRounds, calibrate, fit_sequential_temperatures
 from specdec.decoding.engine import DecodeOutput, GenerationResult, SpeculativeDecoder, autoregressive_generate
 from specdec.decoding.options import DecodingOptions
 from specdec.decoding.proposers import DraftRequest, DSparkProposer, Eagle3Proposer, Proposal, proposer_for
@@ -15,6 +16,7 @@ from specdec.decoding.target_session import TargetSession, TargetStep
 
 __all__ = [
     "GREEDY_TEMPERATURE",
+    "CalibrationRounds",
     "DSparkProposer",
     "DecodeOutput",
     "DecodingOptions",
@@ -27,7 +29,9 @@ __all__ = [
     "TargetStep",
     "accept_draft",
     "autoregressive_generate",
+    "calibrate",
     "draw",
+    "fit_sequential_temperatures",
     "proposer_for",
     "residual_distribution",
     "token_probabilities",

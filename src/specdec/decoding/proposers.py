@@ -30,6 +30,7 @@ class Proposal:
 
     tokens: torch.Tensor  # [n] long
     probabilities: torch.Tensor  # [n, V] fp32, over the target vocabulary
+    confidence_logits: torch.Tensor | None = None  # [n] fp32 (calibrated), for drafters with a confidence head
 
 
 @dataclass
@@ -73,8 +74,13 @@ class DSparkProposer:
                 hidden[row] = block[index : index + 1]
         anchors = torch.stack([request.tokens[-1] for request in requests])
         block = self.drafter.sample_block(torch.cat(hidden), anchors, temperature, generator)
+        confidence = block.confidence_logits
         return [
-            Proposal(tokens=block.tokens[row, : request.limit], probabilities=block.probabilities[row, : request.limit])
+            Proposal(
+                tokens=block.tokens[row, : request.limit],
+                probabilities=block.probabilities[row, : request.limit],
+                confidence_logits=None if confidence is None else confidence[row, : request.limit],
+            )
             for row, request in enumerate(requests)
         ]
 

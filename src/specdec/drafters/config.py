@@ -52,6 +52,7 @@ class DSparkConfig(PretrainedConfig):
         markov_head_type: str = "vanilla",
         enable_confidence_head: bool = True,
         confidence_head_with_markov: bool = True,
+        confidence_temperatures: Sequence[float] | None = None,
         block_style: str = "qwen3",
         embedding_multiplier: float = 1.0,
         final_logit_softcapping: float | None = None,
@@ -84,6 +85,9 @@ class DSparkConfig(PretrainedConfig):
         self.markov_head_type = markov_head_type
         self.enable_confidence_head = enable_confidence_head
         self.confidence_head_with_markov = confidence_head_with_markov
+        # Sequential Temperature Scaling of the confidence logits per draft position (None: uncalibrated)
+        temperatures = confidence_temperatures
+        self.confidence_temperatures = None if temperatures is None else [float(t) for t in temperatures]
         self.block_style = block_style
         self.embedding_multiplier = embedding_multiplier
         self.final_logit_softcapping = final_logit_softcapping
@@ -117,6 +121,8 @@ class DSparkConfig(PretrainedConfig):
             raise ValueError(f"DSparkConfig.markov_rank = {self.markov_rank}; must be >= 0")
         if self.target_num_hidden_layers is not None:
             validate_layer_ids(self.target_layer_ids, self.target_num_hidden_layers)
+        if self.confidence_temperatures is not None and not all(t > 0 for t in self.confidence_temperatures):
+            raise ValueError(f"DSparkConfig.confidence_temperatures = {self.confidence_temperatures}; must be > 0")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"DSparkConfig.mask_token_id = {self.mask_token_id} is outside the vocabulary")
 

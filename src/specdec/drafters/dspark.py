@@ -248,6 +248,16 @@ class DSparkDrafter(DSparkPreTrainedModel):
             hidden = layer(hidden, rotary, cache.keys[index], cache.values[index], None)
         return self.norm(hidden)[:, config.first_prediction_slot :]
 
+    def calibrated_confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        """Confidence logits [..., P] divided by the fitted per-position STS temperatures (identity if none)."""
+        temperatures = self.config.confidence_temperatures
+        if not temperatures:
+            return logits
+        scale = torch.ones(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        count = min(len(temperatures), logits.shape[-1])
+        scale[:count] = torch.tensor(temperatures[:count], dtype=logits.dtype, device=logits.device)
+        return logits / scale
+
     @torch.no_grad()
     def sample_block(
         self,
@@ -275,7 +285,7 @@ class DSparkDrafter(DSparkPreTrainedModel):
         if self.confidence_head is not None:
             prev_ids = torch.stack(previous, dim=1)
             features = self.markov_head.features(prev_ids) if self.markov_head is not None else None
-            confidence = self.confidence_head(hidden, features)
+            confidence = self.calibrated_confidence(self.confidence_head(hidden, features))
         return DraftBlock(
             tokens=torch.stack(tokens, dim=1),
             probabilities=torch.stack(probabilities, dim=1),
