@@ -32,6 +32,8 @@ class GenerationResult:
     proposed: list[int] = field(default_factory=list)  # drafts verified in each round
     accepted: list[int] = field(default_factory=list)  # leading drafts accepted in each round
     committed: list[int] = field(default_factory=list)  # tokens committed (accepted + bonus/correction)
+    # per round, the confidence logits of the verified drafts ([proposed], fp32, calibrated) or None without a head
+    confidence_logits: list[torch.Tensor | None] = field(default_factory=list)
     stopped: bool = False  # ended on a stop token (else on max_new_tokens)
 
     @property
@@ -153,6 +155,10 @@ class SpeculativeDecoder:
                     accepted = int(kept[row]) - 1
                     committed = new_tokens[index]
                     result.proposed.append(len(proposals[index].tokens))
+                    confidence = proposals[index].confidence_logits
+                    if confidence is not None:
+                        confidence = confidence[: len(proposals[index].tokens)].detach().float().cpu()
+                    result.confidence_logits.append(confidence)
                     result.accepted.append(accepted)
                     result.committed.append(len(committed))
                     result.token_ids.extend(committed)
