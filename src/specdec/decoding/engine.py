@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from specdec.decoding.proposers import DraftRequest, Proposal, proposer_for
 from specdec.decoding.sampling import accept_draft, draw, residual_distribution, token_probabilities, uniform
 from specdec.decoding.target_session import TargetSession
+from specdec.decoding.truncation import TruncationPolicy, truncate
 
 
 @dataclass
@@ -90,6 +91,8 @@ class SpeculativeDecoder:
         max_new_tokens: tokens generated per request (never exceeded: the last rounds draft fewer tokens).
         stop_token_ids: a committed stop token ends its request (it is part of the output).
         max_draft_tokens: cap on drafts per round (default: all the drafter predicts).
+        policy: a truncation policy (``specdec.decoding.truncation`` / ``scheduler``) choosing, after drafting,
+            how many drafts of each active row are verified; told each round's acceptance after verification.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class SpeculativeDecoder:
         max_new_tokens: int = 256,
         stop_token_ids: Sequence[int] = (),
         max_draft_tokens: int | None = None,
+        policy: TruncationPolicy | None = None,
     ) -> None:
         self.target = target
         self.drafter = drafter
@@ -110,6 +114,7 @@ class SpeculativeDecoder:
         self.stop_token_ids = list(stop_token_ids)
         limit = self.proposer.num_predictions
         self.max_draft_tokens = limit if max_draft_tokens is None else min(limit, max_draft_tokens)
+        self.policy = policy
         self.layer_ids = list(drafter.config.target_layer_ids)
 
     @torch.no_grad()
@@ -145,6 +150,8 @@ class SpeculativeDecoder:
                     for row in rows
                 ]
                 proposals = self.proposer.propose(requests, self.temperature, generator, self.stop_token_ids)
+                if self.policy is not None:  # decided from the drafts alone, before verification: lossless
+                    proposals = truncate(proposals, self.policy.lengths(proposals))
                 tock = clock.now()
                 output.draft_seconds += tock - tick
                 kept, new_tokens, finished, features = self._verify(session, rows, tokens, proposals, stops, generator)
@@ -166,6 +173,9 @@ class SpeculativeDecoder:
                     pending[row] = features[row, : accepted + 1]
                     result.stopped = finished[index]
                     active[row] = not finished[index] and len(result.token_ids) < self.max_new_tokens
+                if self.policy is not None:
+                    verified = [results[row].proposed[-1] for row in rows]
+                    self.policy.observe(verified, [results[row].accepted[-1] for row in rows])
         output.seconds = clock.now() - began
         return output
 
