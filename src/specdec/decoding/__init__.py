@@ -12,7 +12,10 @@ from specdec.decoding.sampling import (
     token_probabilities,
     uniform,
 )
+from specdec.decoding.scheduler import DynamicTopK, PrefixScheduler, StepsPerSecond, profile_verification
+from specdec.decoding.simulator import RecordedRound, RoundRecorder, simulate
 from specdec.decoding.target_session import TargetSession, TargetStep
+from specdec.decoding.truncation import DynamicThreshold, FixedLength, StaticThreshold, TruncationPolicy, survival
 
 __all__ = [
     "GREEDY_TEMPERATURE",
@@ -21,19 +24,31 @@ __all__ = [
     "DecodeOutput",
     "DecodingOptions",
     "DraftRequest",
+    "DynamicThreshold",
+    "DynamicTopK",
     "Eagle3Proposer",
+    "FixedLength",
     "GenerationResult",
+    "PrefixScheduler",
     "Proposal",
+    "RecordedRound",
+    "RoundRecorder",
     "SpeculativeDecoder",
+    "StaticThreshold",
+    "StepsPerSecond",
     "TargetSession",
     "TargetStep",
+    "TruncationPolicy",
     "accept_draft",
     "autoregressive_generate",
     "calibrate",
     "draw",
     "fit_sequential_temperatures",
+    "profile_verification",
     "proposer_for",
     "residual_distribution",
+    "simulate",
+    "survival",
     "token_probabilities",
     "uniform",
 ]
