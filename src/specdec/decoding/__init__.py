@@ -15,6 +15,7 @@ from specdec.decoding.sampling import (
 from specdec.decoding.scheduler import DynamicTopK, PrefixScheduler, StepsPerSecond, profile_verification
 from specdec.decoding.simulator import RecordedRound, RoundRecorder, simulate
 from specdec.decoding.target_session import TargetSession, TargetStep
+from specdec.decoding.tree import TreeShape, TreeSpeculativeDecoder, verify_tree
 from specdec.decoding.truncation import DynamicThreshold, FixedLength, StaticThreshold, TruncationPolicy, survival
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "StepsPerSecond",
     "TargetSession",
     "TargetStep",
+    "TreeShape",
+    "TreeSpeculativeDecoder",
     "TruncationPolicy",
     "accept_draft",
     "autoregressive_generate",
@@ -51,4 +54,5 @@ __all__ = [
     "survival",
     "token_probabilities",
     "uniform",
+    "verify_tree",
 ]
