@@ -154,8 +154,9 @@ class DynamicThreshold(SurvivalPolicy):
     def observe(self, proposed: Sequence[int], accepted: Sequence[int]) -> None:
         verified = int(sum(proposed))
         low, high = self.bounds
-        if verified == 0:  # the threshold cut every draft: no evidence, so relax it as if all were accepted
-            self.threshold = max(self.threshold - self.gain * (1.0 - self.target_rate), low)
+        if verified == 0:  # the threshold cut every draft: no evidence, so relax it slowly (never stuck above all)
+            relax = self.gain * (1.0 - self.target_rate) / self.history.maxlen
+            self.threshold = max(self.threshold - relax, low)
             return
         self.history.append((verified, int(sum(accepted))))
         rate = self.observed_rate
