@@ -119,8 +119,10 @@ class DynamicThreshold(SurvivalPolicy):
     Args:
         target_rate: the acceptance rate of verified drafts to aim for, in (0, 1).
         window: rounds in the sliding window.
-        gain: threshold change per unit of rate error per round.
-        initial: the threshold before any round was observed.
+        gain: threshold change per unit of rate error per round (large gains oscillate between cutting everything
+            and verifying everything, and the pooled rate is then dominated by the wide rounds).
+        initial: the threshold before any round was observed (default ``target_rate``: starting at 0 fills the
+            window with full blocks of low acceptance).
         bounds: the threshold stays inside these.
     """
 
@@ -129,8 +131,8 @@ class DynamicThreshold(SurvivalPolicy):
         target_rate: float,
         *,
         window: int = 32,
-        gain: float = 0.5,
-        initial: float = 0.0,
+        gain: float = 0.05,
+        initial: float | None = None,
         bounds: tuple[float, float] = (0.0, 0.95),
     ) -> None:
         if not 0.0 < target_rate < 1.0:
@@ -140,6 +142,7 @@ class DynamicThreshold(SurvivalPolicy):
         self.target_rate = target_rate
         self.gain = gain
         self.bounds = bounds
+        initial = target_rate if initial is None else initial
         self.threshold = min(max(initial, bounds[0]), bounds[1])
         self.history: deque[tuple[int, int]] = deque(maxlen=window)  # (verified, accepted) per round
 
