@@ -143,6 +143,14 @@ def test_sts_leaves_a_calibrated_head_alone():
     assert temperatures[0] == pytest.approx(1.0, rel=0.15)
 
 
+def test_sts_does_not_fit_positions_with_too_few_acceptances():
+    rounds = synthetic_rounds(4000, 4, 3.0)
+    rounds.labels[8:, 3] = 0.0  # at most 8 acceptances at the last position
+    temperatures = fit_sequential_temperatures(rounds, min_class_count=10)
+    assert temperatures[3] == 1.0 and temperatures[0] > 1.5
+    assert fit_sequential_temperatures(rounds, min_class_count=1)[3] != 1.0
+
+
 @pytest.fixture(scope="module")
 def decoding_setup():
     target = small_target()

@@ -122,12 +122,14 @@ def _ece_per_candidate(survival: torch.Tensor, labels: torch.Tensor, bins: int) 
 
 
 def fit_sequential_temperatures(
-    rounds: CalibrationRounds, grid: torch.Tensor | None = None, bins: int = ECE_BINS
+    rounds: CalibrationRounds, grid: torch.Tensor | None = None, bins: int = ECE_BINS, min_class_count: int = 10
 ) -> list[float]:
     """STS temperatures ``T_1..T_K`` (one per draft position) minimising the ECE of each prefix survival in turn.
 
-    Positions no held-out round reached keep ``T = 1``. Among grid values of equal ECE the one closest to 1 wins
-    (ECE is piecewise constant in T on finite data), so a calibrated head is left alone.
+    A position keeps ``T = 1`` when its held-out rounds hold fewer than ``min_class_count`` accepted or rejected
+    labels: deep positions of a weak drafter see a handful of acceptances, and a grid search there fits noise
+    (it runs to the grid's ends). Among grid values of equal ECE the one closest to 1 wins (ECE is piecewise
+    constant in T on finite data), so a calibrated head is left alone.
     """
     grid = default_grid() if grid is None else grid.to(torch.float64)
     order = torch.argsort(grid.log().abs(), stable=True)  # closest to T = 1 first: ties resolve toward it
@@ -136,8 +138,10 @@ def fit_sequential_temperatures(
     prefix = torch.ones(rounds.logits.shape[0], dtype=torch.float64)
     for k in range(rounds.max_drafts):
         reached = rounds.lengths > k
-        if not bool(reached.any()):
+        positives = float(rounds.labels[reached, k].sum())
+        if min(positives, float(reached.sum()) - positives) < max(1, min_class_count):
             temperatures.append(1.0)
+            prefix = prefix * torch.sigmoid(rounds.logits[:, k])
             continue
         logits = rounds.logits[reached, k]
         candidates = prefix[reached][None] * torch.sigmoid(logits[None] / grid[:, None])  # [G, N]
@@ -178,12 +182,15 @@ def _floats(metric: ConfidenceCalibrationMetrics) -> dict[str, float]:
 
 
 def calibrate(
-    fit: CalibrationRounds, heldout: CalibrationRounds | None = None, grid: torch.Tensor | None = None
+    fit: CalibrationRounds,
+    heldout: CalibrationRounds | None = None,
+    grid: torch.Tensor | None = None,
+    min_class_count: int = 10,
 ) -> CalibrationReport:
     """Fit STS on ``fit`` and report the metrics before/after on it and on ``heldout`` (rounds not fitted on)."""
     if fit.logits.shape[0] == 0:
         raise ValueError("no rounds with confidence logits to calibrate on (does the drafter have a confidence head?)")
-    temperatures = fit_sequential_temperatures(fit, grid)
+    temperatures = fit_sequential_temperatures(fit, grid, min_class_count=min_class_count)
     report = CalibrationReport(temperatures, _floats(fit.metrics()), _floats(fit.metrics(temperatures)))
     if heldout is not None and heldout.logits.shape[0] > 0:
         report.heldout_before = _floats(heldout.metrics())
