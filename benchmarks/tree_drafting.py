@@ -33,21 +33,21 @@ from specdec.targets import TINY_TARGET, load_target, read_target_head
 QUICKSTART_DRAFTER = Path(__file__).resolve().parent.parent / "runs" / "quickstart" / "checkpoints" / "last.drafter"
 
 
-def decode_all(decoder, target, prompts: list[list[int]], args, temperature: float, stops) -> dict:
-    """Every prompt with its own seed; the same seeds for every decoder, plain decoding timed alongside."""
+def decode_all(decoder, prompts: list[list[int]], baselines, args) -> dict:
+    """Every prompt with its own seed (the same seeds for every decoder); ``baselines``: plain decodes of the
+    same prompts in the same run, for the wall-clock speedup."""
     acceptance, speed = AcceptanceMetrics(max(1, args.budget)), SpeedMetrics()
-    for index, prompt in enumerate(prompts):
+    new_tokens = 0
+    for index, (prompt, baseline) in enumerate(zip(prompts, baselines, strict=True)):
         output = decoder.generate([prompt], torch.Generator().manual_seed(args.seed + index))
-        baseline = autoregressive_generate(
-            target.model, [prompt], temperature=temperature, max_new_tokens=args.max_new_tokens,
-            stop_token_ids=stops, generator=torch.Generator().manual_seed(args.seed + index),
-        )  # fmt: skip
         acceptance.update_from(output.results)
         speed.update(output, baseline)
+        new_tokens += output.new_tokens
     values = {name: float(value) for name, value in {**acceptance.compute(), **speed.compute()}.items()}
     keys = ("tau", "propose", "verify_rate", "draft_acceptance_rate", "rounds", "tokens_per_second")
     keys += ("ar_tokens_per_second", "speedup", "draft_ms_per_round", "verify_ms_per_round")
     return {key: values[key] for key in keys} | {
+        "new_tokens": new_tokens,
         "cond_accept": [values[f"cond_accept@{k}"] for k in range(args.budget)],
     }
 
@@ -57,8 +57,14 @@ def run(target, drafter, temperature: float, prompts, args) -> dict:
     common = dict(temperature=temperature, max_new_tokens=args.max_new_tokens, stop_token_ids=stops)
     for prompt in prompts[:1]:  # warm-up, untimed
         SpeculativeDecoder(target.model, drafter, **common).generate([prompt], torch.Generator().manual_seed(0))
+    baselines = [
+        autoregressive_generate(
+            target.model, [prompt], generator=torch.Generator().manual_seed(args.seed + index), **common
+        )
+        for index, prompt in enumerate(prompts)
+    ]
     chain = SpeculativeDecoder(target.model, drafter, max_draft_tokens=args.budget, **common)
-    chain_result = decode_all(chain, target, prompts, args, temperature, stops)
+    chain_result = decode_all(chain, prompts, baselines, args)
     depth = min(args.budget, chain.max_draft_tokens)
     # The chain's measured conditional acceptance per depth shapes the tree (floored: a position never reached
     # still gets a small rate rather than none).
@@ -71,7 +77,7 @@ def run(target, drafter, temperature: float, prompts, args) -> dict:
             "shape": list(decoder.shape.parents),
             "nodes": decoder.shape.num_nodes,
             "depth": decoder.shape.max_depth,
-            **decode_all(decoder, target, prompts, args, temperature, stops),
+            **decode_all(decoder, prompts, baselines, args),
         }
     return {
         "temperature": temperature,
@@ -86,8 +92,8 @@ def main() -> None:
     parser.add_argument("--drafter", help="an HF drafter directory for the tiny target")
     parser.add_argument("--budget", type=int, default=7, help="drafted tokens verified per round (chain and tree)")
     parser.add_argument("--max-children", type=int, default=4)
-    parser.add_argument("--eval-prompts", type=int, default=12)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--eval-prompts", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.0])
     parser.add_argument("--seed", type=int, default=980406)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (tiny tensors: 1 avoids stalls)")
