@@ -255,3 +255,28 @@ def test_callback_fits_sts_at_the_end_of_a_real_fit(tmp_path):
     with open(trainer.logger.log_dir + "/metrics.csv") as handle:
         logged = {name for row in csv.DictReader(handle) for name, value in row.items() if value}
     assert {"calibration/fit/ece_before", "calibration/fit/ece_after", "calibration/fit/temperature@0"} <= logged
+
+
+def test_callback_fits_sts_before_specdec_test(tmp_path):
+    from specdec.data.eval_sets import EvalSetsSpec, EvalTask, write_eval_set
+    from tests.test_decoding_eval import TinyDrafterModule
+
+    write_eval_set(tmp_path / "sums.jsonl", [{"turns": ["Write a function that adds two numbers."]}])
+    spec = EvalSetsSpec(str(tmp_path), tasks=[EvalTask("sums", None, "code")])
+    module = TinyDrafterModule(DecodingOptions(max_new_tokens=8, warmup_prompts=0, measure_speedup=False))
+    calibration = ConfidenceCalibration(num_prompts=4, max_new_tokens=24, on_fit_end=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path / "logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[calibration],
+    )
+    trainer.test(module, datamodule=TargetCacheDataModule(str(tmp_path / "unused"), eval_sets=spec))
+    report = calibration.reports["test"]
+    assert module.drafter.config.confidence_temperatures == report.temperatures
+    assert report.heldout_before is not None and report.heldout_before["samples"] > 0
+    assert module.speculative_test_results["all"]["rounds"] > 0  # the eval sets were decoded after the fit
+    with open(trainer.logger.log_dir + "/metrics.csv") as handle:
+        header = next(csv.reader(handle))
+    assert {"calibration/test/ece_before", "calibration/test/ece_after"} <= set(header)
