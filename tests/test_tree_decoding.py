@@ -22,8 +22,17 @@ from specdec.decoding.tree import (
     draw_children,
     verify_tree,
 )
+from specdec.drafters import DSparkConfig, DSparkDrafter
 from tests.helpers import tiny_random_target
-from tests.test_decoding import PROMPT, SMALL_VOCAB, chi_square_p_value, exact_marginals, make_drafter, small_target
+from tests.test_decoding import (
+    PROMPT,
+    SMALL_VOCAB,
+    chi_square_p_value,
+    exact_marginals,
+    head_of,
+    make_drafter,
+    small_target,
+)
 
 POSITIONS = 4
 SAMPLES = 450
@@ -176,6 +185,43 @@ def test_a_chain_shaped_tree_drafts_what_the_chain_proposer_drafts(random_target
     for _ in range(depth):
         rank0.append(bushy.shape.children[rank0[-1]][0])
     assert torch.equal(bushy.tokens[rank0[1:]], greedy.tokens)
+
+
+def _dspark_drafter(model, head_type: str):
+    torch.manual_seed(1)
+    layers = model.config.num_hidden_layers
+    config = DSparkConfig.from_target(
+        model.config, [0, layers - 2], num_hidden_layers=1, mask_token_id=model.config.vocab_size - 1,
+        initializer_range=0.2, block_size=3, markov_rank=8, markov_head_type=head_type,
+    )  # fmt: skip
+    drafter = DSparkDrafter(config).eval()
+    drafter.attach_target_head(head_of(model))
+    return drafter
+
+
+@pytest.mark.parametrize("head_type", ["vanilla", "rnn"])
+def test_dspark_tree_nodes_are_conditioned_on_their_own_path(random_target, head_type):
+    """Each node's q = the block's slot logits + the Markov bias of *its* path, minus its earlier siblings."""
+    drafter = _dspark_drafter(random_target, head_type)
+    trees = tree_module.tree_drafter_for(drafter)
+    prompt = torch.tensor([5, 17, 3, 40, 8, 11])
+    with torch.no_grad(), TreeTargetSession(random_target, drafter.config.target_layer_ids) as session:
+        features = session.prefill([prompt[:-1].tolist()]).features[0]
+    shape = TreeShape.from_branching([3, 2, 2])
+    tree = trees.draft(trees.new_state(), prompt, features, shape, 1.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = drafter.block_hidden(prompt[-1:], len(prompt) - 1, features[None], drafter.new_cache())
+        base = drafter.target_head.logits(hidden)[0]
+        for node in range(1, shape.num_nodes + 1):
+            path = shape.path(node)
+            depth = len(path)
+            prev = torch.cat([prompt[-1:], tree.tokens[path[:-1]]])[None]
+            logits = base[depth - 1].float() + drafter.markov_head.teacher_forced(hidden[:, :depth], prev)[0, -1]
+            parent = shape.parents[node - 1]
+            earlier = [s for s in shape.children[parent] if s < node]
+            logits[tree.tokens[earlier]] = float("-inf")
+            assert torch.allclose(tree.probabilities[node], token_probabilities(logits, 1.0), atol=1e-5), node
+    assert len(set(tree.tokens[list(shape.children[0])].tolist())) == 3  # distinct siblings
 
 
 # ---- whole decoding ------------------------------------------------------------------------------------------
