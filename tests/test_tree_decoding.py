@@ -224,6 +224,31 @@ def test_dspark_tree_nodes_are_conditioned_on_their_own_path(random_target, head
     assert len(set(tree.tokens[list(shape.children[0])].tolist())) == 3  # distinct siblings
 
 
+def test_eagle3_tree_nodes_match_a_chain_run_along_their_path(random_target):
+    """The draft-cache tree mask: each node's q equals plain chain steps along its own path (no tree)."""
+    drafter = make_drafter(random_target, "eagle3")
+    trees = tree_module.tree_drafter_for(drafter)
+    prompt = torch.tensor([5, 17, 3, 40, 8, 11])
+    position = len(prompt) - 1
+    with torch.no_grad(), TreeTargetSession(random_target, drafter.config.target_layer_ids) as session:
+        features = session.prefill([prompt[:-1].tolist()]).features[0]
+    shape = TreeShape.from_branching([3, 2, 2])
+    with torch.no_grad():
+        tree = trees.draft(trees.new_state(), prompt, features, shape, 1.0, torch.Generator().manual_seed(0))
+        fresh = trees.new_state()
+        root = trees._inject(fresh, prompt, features)
+        for node in range(1, shape.num_nodes + 1):
+            path = shape.path(node)
+            hidden, past = root[None, None], fresh.past
+            for step, ancestor in enumerate(path[:-1]):
+                token = tree.tokens[ancestor].view(1, 1)
+                hidden, past = drafter.step(hidden, token, torch.full((1, 1), position + step), past, None)
+            logits = drafter.logits(hidden[0, -1]).float()
+            parent = shape.parents[node - 1]
+            logits[tree.tokens[[s for s in shape.children[parent] if s < node]]] = float("-inf")
+            assert torch.allclose(tree.probabilities[node], token_probabilities(logits, 1.0), atol=1e-5), node
+
+
 # ---- whole decoding ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("algorithm", ["dspark", "dflash", "eagle3"])
 def test_greedy_tree_output_equals_greedy_target_output(target, random_target, algorithm):
