@@ -22,7 +22,7 @@ from specdec.decoding.tree import (
     draw_children,
     verify_tree,
 )
-from specdec.drafters import DSparkConfig, DSparkDrafter
+from specdec.drafters import DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
 from tests.helpers import tiny_random_target
 from tests.test_decoding import (
     PROMPT,
@@ -264,6 +264,28 @@ def test_greedy_tree_output_equals_greedy_target_output(target, random_target, a
             assert sum(result.committed) + 1 == len(result.token_ids)
             accepted += sum(result.accepted)
     assert accepted > 0  # some rounds accepted a path, so kept KV entries were really gathered
+
+
+def test_eagle3_reduced_vocabulary_tree(random_target):
+    """A pruned draft vocabulary: drafted tokens map through d2t, q lives on the target ids, greedy stays exact."""
+    torch.manual_seed(1)
+    config = Eagle3Config.from_target(
+        random_target.config, [-1, 0, 2], ttt_length=3, initializer_range=0.2, draft_vocab_size=48
+    )
+    drafter = Eagle3Drafter(config).eval()
+    drafter.attach_target_head(head_of(random_target))
+    kept = torch.arange(0, random_target.config.vocab_size, 2)
+    drafter.set_vocabulary_mapping(kept)
+    prompt = [1, 5, 7, 9, 11]
+    reference = autoregressive_generate(random_target, [prompt], temperature=0.0, max_new_tokens=20).results[0]
+    greedy = TreeSpeculativeDecoder(random_target, drafter, BUSHY, temperature=0.0, max_new_tokens=20)
+    assert greedy.generate([prompt]).results[0].token_ids == reference.token_ids
+    trees = tree_module.tree_drafter_for(drafter)
+    with torch.no_grad(), TreeTargetSession(random_target, config.target_layer_ids) as session:
+        features = session.prefill([prompt]).features[0]
+    tree = trees.draft(trees.new_state(), torch.tensor([*prompt, 3]), features, BUSHY, 1.0, torch.Generator())
+    assert bool(torch.isin(tree.tokens[1:], kept).all())
+    assert torch.allclose(tree.probabilities[1:, kept].sum(-1), torch.ones(BUSHY.num_nodes))
 
 
 def test_tree_decoding_stops_on_a_stop_token(random_target):
