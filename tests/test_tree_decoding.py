@@ -288,6 +288,12 @@ def test_eagle3_reduced_vocabulary_tree(random_target):
     assert torch.allclose(tree.probabilities[1:, kept].sum(-1), torch.ones(BUSHY.num_nodes))
 
 
+def test_targets_with_sliding_window_layers_are_refused(random_target):
+    gemma = tiny_random_target("gemma4", num_layers=2)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        TreeSpeculativeDecoder(gemma, make_drafter(random_target, "dspark"), BUSHY)
+
+
 def test_tree_decoding_stops_on_a_stop_token(random_target):
     prompt = [1, 5, 7, 9, 11]
     reference = autoregressive_generate(random_target, [prompt], temperature=0.0, max_new_tokens=20).results[0]
