@@ -97,13 +97,14 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.0])
     parser.add_argument("--seed", type=int, default=980406)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (tiny tensors: 1 avoids stalls)")
+    parser.add_argument("--train", action="store_true", help="train a drafter even if the quickstart's exists")
     parser.add_argument("--steps", type=int, default=300, help="training steps when no drafter is given")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "tree_drafting.json"))
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     target = load_target(TINY_TARGET, device="cpu")
-    drafter_dir = args.drafter or (str(QUICKSTART_DRAFTER) if QUICKSTART_DRAFTER.exists() else None)
+    drafter_dir = args.drafter or (str(QUICKSTART_DRAFTER) if QUICKSTART_DRAFTER.exists() and not args.train else None)
     if drafter_dir:
         drafter = AutoModel.from_pretrained(drafter_dir).eval()
         drafter.attach_target_head(read_target_head(TINY_TARGET))
