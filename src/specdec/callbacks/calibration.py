@@ -14,7 +14,6 @@ files keep the uncalibrated config; ``specdec test`` refits in its own run).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +21,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
-from specdec.data.eval_sets import EvalSetsSpec, load_eval_prompts
+from specdec.callbacks.decoding_inputs import callback_conversations, callback_decoding_options
+from specdec.data.eval_sets import EvalSetsSpec
 from specdec.decoding.calibration import CalibrationReport, CalibrationRounds, calibrate, set_confidence_temperatures
 from specdec.decoding.evaluate import SpeculativeEvaluator
 from specdec.decoding.options import DecodingOptions
@@ -90,22 +90,12 @@ class ConfidenceCalibration(L.Callback):
         self.reports: dict[str, CalibrationReport] = {}
 
     def _conversations(self) -> list[list[str]]:
-        if self.prompts is not None:
-            conversations = [[prompt] for prompt in self.prompts]
-        elif self.eval_sets is not None:
-            conversations = [prompt.turns for prompt in load_eval_prompts(self.eval_sets)]
-        else:
-            conversations = [[prompt] for prompt in DEFAULT_PROMPTS]
-        return conversations[: self.num_prompts]
+        return callback_conversations(self.prompts, self.eval_sets, DEFAULT_PROMPTS, self.num_prompts)
 
     def _options(self, pl_module) -> DecodingOptions:
-        options = getattr(pl_module, "decoding_options", None) or DecodingOptions()
-        changes: dict = {"measure_speedup": False}
-        if self.max_new_tokens is not None:
-            changes["max_new_tokens"] = self.max_new_tokens
-        if self.temperature is not None:
-            changes["temperature"] = self.temperature
-        return replace(options, **changes)
+        return callback_decoding_options(
+            pl_module, measure_speedup=False, max_new_tokens=self.max_new_tokens, temperature=self.temperature
+        )
 
     @torch.no_grad()
     def _rounds(self, trainer: L.Trainer, pl_module, conversations, first_index: int) -> CalibrationRounds:

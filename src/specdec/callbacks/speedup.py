@@ -8,12 +8,11 @@ are logged under ``speedup/`` to every logger, and printed when training ends.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import lightning as L
 import torch
 
-from specdec.data.eval_sets import EvalSetsSpec, load_eval_prompts
+from specdec.callbacks.decoding_inputs import callback_conversations, callback_decoding_options
+from specdec.data.eval_sets import EvalSetsSpec
 from specdec.decoding.evaluate import SpeculativeEvaluator
 from specdec.decoding.options import DecodingOptions
 from specdec.metrics import AcceptanceMetrics, SpeedMetrics
@@ -58,22 +57,12 @@ class SpeedupEvaluation(L.Callback):
         self._warm = False
 
     def _conversations(self) -> list[list[str]]:
-        if self.prompts is not None:
-            conversations = [[prompt] for prompt in self.prompts]
-        elif self.eval_sets is not None:
-            conversations = [prompt.turns for prompt in load_eval_prompts(self.eval_sets)]
-        else:
-            conversations = [[prompt] for prompt in DEFAULT_PROMPTS]
-        return conversations[: self.num_prompts]
+        return callback_conversations(self.prompts, self.eval_sets, DEFAULT_PROMPTS, self.num_prompts)
 
     def _options(self, pl_module) -> DecodingOptions:
-        options = getattr(pl_module, "decoding_options", None) or DecodingOptions()
-        changes = {"measure_speedup": True}
-        if self.max_new_tokens is not None:
-            changes["max_new_tokens"] = self.max_new_tokens
-        if self.temperature is not None:
-            changes["temperature"] = self.temperature
-        return replace(options, **changes)
+        return callback_decoding_options(
+            pl_module, measure_speedup=True, max_new_tokens=self.max_new_tokens, temperature=self.temperature
+        )
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
