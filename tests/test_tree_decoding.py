@@ -290,7 +290,7 @@ def test_eagle3_reduced_vocabulary_tree(random_target):
 
 def test_targets_with_sliding_window_layers_are_refused(random_target):
     gemma = tiny_random_target("gemma4", num_layers=2)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
+    with pytest.raises(ValueError, match="sliding-window"):
         TreeSpeculativeDecoder(gemma, make_drafter(random_target, "dspark"), BUSHY)
 
 

@@ -28,7 +28,6 @@ from specdec.decoding.truncation import (
     DynamicThreshold,
     FixedLength,
     StaticThreshold,
-    SurvivalPolicy,
     survival,
     threshold_length,
     truncate,
@@ -229,11 +228,14 @@ def test_truncated_and_scheduled_proposals_stay_lossless(target, drafter, name):
         assert policy.threshold != 0.3 and len(policy.history) > 0  # it adapted from verified rounds
 
 
-class PeekingPolicy(SurvivalPolicy):
+class PeekingPolicy:
     """Verifies a draft only if the drafted token itself is even: depends on the draft, so it is not lossless."""
 
     def lengths(self, proposals):
         return [int((p.tokens % 2 == 0).long().cumprod(0).sum()) for p in proposals]
+
+    def observe(self, proposed, accepted):
+        pass
 
 
 def test_the_check_detects_truncation_that_peeks_at_the_draft(target, drafter):

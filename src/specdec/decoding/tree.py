@@ -278,7 +278,7 @@ class TreeTargetSession(TargetSession):
 def _check_target(target: PreTrainedModel) -> None:
     layer_types = getattr(target.config, "layer_types", None) or []
     if any("sliding" in str(kind) for kind in layer_types) or getattr(target.config, "use_sliding_window", False):
-        raise NotImplementedError(
+        raise ValueError(
             "tree verification passes one dense 4-D mask to every layer; targets with sliding-window layers "
             "are not supported"
         )

@@ -13,6 +13,7 @@ the cumulative survival ``a_k``, the predicted probability that slots 1..k are a
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
@@ -47,18 +48,19 @@ class TruncationPolicy(Protocol):
         ...
 
 
-class SurvivalPolicy:
+class SurvivalPolicy(ABC):
     """A policy that decides from the rows' predicted prefix survivals alone (also what the simulator replays)."""
 
+    @abstractmethod
     def plan(self, survivals: Sequence[torch.Tensor]) -> list[int]:
         """Drafts to verify per row, given each row's ``a_k`` [n]."""
-        raise NotImplementedError
 
     def lengths(self, proposals: Sequence[Proposal]) -> list[int]:
         return self.plan([survival(proposal) for proposal in proposals])
 
     def observe(self, proposed: Sequence[int], accepted: Sequence[int]) -> None:
-        pass
+        """Stateless policies ignore the outcome; adaptive ones override this."""
+        del proposed, accepted
 
 
 class FixedLength(SurvivalPolicy):
