@@ -16,15 +16,14 @@ import torch
 from transformers import PretrainedConfig
 
 from specdec.drafters import DSparkDrafter, Eagle3Drafter
-from specdec.export.config_fields import decoder_fields, num_target_layers, rope_fields, target_max_positions
+from specdec.export.config_fields import decoder_fields, num_target_layers, rope_fields
 from specdec.export.conventions import output_of_layer_ids
 from specdec.export.errors import UnsupportedDrafterError
 from specdec.export.expressible import check_expressible
-from specdec.export.files import write_export
-from specdec.export.provenance import Provenance, provenance_record
+from specdec.export.provenance import Provenance
 from specdec.export.source import Drafter, target_head_of
-from specdec.export.tensors import DEEPSPEC_MARKOV_RENAMES, cast_floats, drafter_weights, dtype_name, renamed
-from specdec.export.validators import validate_export
+from specdec.export.tensors import DEEPSPEC_MARKOV_RENAMES, drafter_weights, dtype_name, renamed
+from specdec.export.writing import write_validated_export
 
 FORMAT = "deepspec"
 
@@ -140,16 +139,15 @@ def export_deepspec(
         config, tensors = dspark_config(drafter, target_config, dtype), dspark_tensors(drafter)
     else:
         config, tensors = eagle3_config(drafter, target_config, dtype), eagle3_tensors(drafter)
-    record = provenance_record(
-        provenance,
+    return write_validated_export(
+        output_dir,
+        drafter,
+        config,
+        tensors,
         format_name=FORMAT,
-        architecture=config["architectures"][0],
-        layer_ids=list(drafter.config.target_layer_ids),
         engine_layer_ids={"target_layer_ids": config["target_layer_ids"]},
         num_target_layers=config["num_target_layers"],
-        drafter_config=drafter.config.to_dict(),
-        target_max_position_embeddings=target_max_positions(target_config),
+        target_config=target_config,
+        provenance=provenance,
+        dtype=dtype,
     )
-    write_export(output_dir, config, cast_floats(tensors, dtype), record)
-    validate_export(output_dir)
-    return Path(output_dir)

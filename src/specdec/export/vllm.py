@@ -15,14 +15,13 @@ import torch
 from transformers import PretrainedConfig
 
 from specdec.drafters import DSparkDrafter, Eagle3Drafter
-from specdec.export.config_fields import decoder_fields, num_target_layers, target_max_positions
+from specdec.export.config_fields import decoder_fields, num_target_layers
 from specdec.export.conventions import vllm_capture_ids
 from specdec.export.expressible import check_expressible
-from specdec.export.files import write_export
-from specdec.export.provenance import Provenance, provenance_record
+from specdec.export.provenance import Provenance
 from specdec.export.source import Drafter, target_head_of
-from specdec.export.tensors import cast_floats, drafter_weights, dtype_name
-from specdec.export.validators import validate_export
+from specdec.export.tensors import drafter_weights, dtype_name
+from specdec.export.writing import write_validated_export
 
 FORMAT = "vllm"
 SPECULATORS_VERSION = "0.3.0"
@@ -150,16 +149,15 @@ def export_vllm(
         tokens = speculative_tokens or drafter.config.num_predictions
         config, tensors = dspark_export(drafter, target_config, verifier, tokens, dtype)
         engine_ids = {"aux_hidden_state_layer_ids": config["aux_hidden_state_layer_ids"]}
-    record = provenance_record(
-        provenance,
+    return write_validated_export(
+        output_dir,
+        drafter,
+        config,
+        tensors,
         format_name=FORMAT,
-        architecture=config["architectures"][0],
-        layer_ids=list(drafter.config.target_layer_ids),
         engine_layer_ids=engine_ids,
         num_target_layers=num_target_layers(drafter.config, target_config),
-        drafter_config=drafter.config.to_dict(),
-        target_max_position_embeddings=target_max_positions(target_config),
+        target_config=target_config,
+        provenance=provenance,
+        dtype=dtype,
     )
-    write_export(output_dir, config, cast_floats(tensors, dtype), record)
-    validate_export(output_dir)
-    return Path(output_dir)
