@@ -36,14 +36,7 @@ from specdec.targets import TINY_TARGET, load_target
 from tests.test_datamodules import write_conversations
 from tests.test_decoding import make_drafter, small_target
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (several stall on a busy 2-core machine without getting faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logit(p: float) -> float:

@@ -20,13 +20,7 @@ from tests.test_datamodules import write_conversations
 LAYER_IDS = [1, 3]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (several stall on a busy 2-core machine without getting faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_simulated_acceptance_is_expected_prefix_survival():

@@ -32,13 +32,7 @@ POSITIONS = 4  # generated positions whose marginals are tested
 SAMPLES = 1500
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (several stall on a busy 2-core machine without getting faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_target() -> Qwen3ForCausalLM:

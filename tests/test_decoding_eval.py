@@ -14,14 +14,7 @@ from specdec.drafters import DSparkConfig, DSparkDrafter
 from specdec.lightning.speculative_test import SpeculativeTestMixin
 from specdec.targets import TINY_TARGET, load_target, read_target_head
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (several stall on a busy 2-core machine without getting faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyDrafterModule(SpeculativeTestMixin, L.LightningModule):

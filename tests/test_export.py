@@ -28,13 +28,7 @@ VOCAB, HIDDEN, TARGET_LAYERS = 64, 32, 6
 PROVENANCE = Provenance(target="org/tiny-target")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU spinning threads cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def target_head(width: int = HIDDEN) -> TargetHead:

@@ -39,12 +39,7 @@ SAMPLES = 450
 BUSHY = TreeShape.from_branching([3, 2, 1])  # 3 + 6 + 6 nodes, depth 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,13 +43,7 @@ from tests.test_decoding import (
     small_target,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def a(*values: float) -> torch.Tensor:
