@@ -2,11 +2,15 @@
 
 Without ``--drafter`` the benchmark trains a DSpark drafter for the tiny target first: the target answers code
 prompts (its own samples at T = 1), a target cache is built from those conversations, and a 1-layer drafter
-trains on it for ``--steps`` optimizer steps. Then held-out prompts are decoded by the speculative decoder and
-autoregressively (same target, same fp32 sampling path, same seeds) in the same run. Usage::
+trains on it for ``--steps`` optimizer steps. Then the quickstart's held-out prompts are decoded by the
+speculative decoder and autoregressively — same target session, same engine, same fp32 sampling path, same
+seeds — in the same run, for every engine (``eager``: HF forward; ``compiled``: static KV buffers and compiled
+fixed-shape steps) and temperature. Each run records the round breakdown (ms and plain-step units), the target
+forward's cost by token count, τ, acceptance by position, the draft length chosen from measured costs, tokens/s
+of both decoders and the speedup. Usage::
 
-    python benchmarks/speculative_decoding.py            # writes benchmarks/results/speculative_decoding.json
-    python benchmarks/speculative_decoding.py --drafter path/to/hf_drafter_dir --temperature 0
+    python benchmarks/speculative_decoding.py --drafter runs/quickstart/checkpoints/last.drafter
+    python benchmarks/speculative_decoding.py --engines compiled --temperatures 0   # one cell
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ NAMES = [
     "retry", "split_words", "count_lines", "unique_sorted", "deep_update", "camel_to_snake", "safe_divide",
     "parse_version", "is_palindrome", "rotate_list", "group_by", "strip_comments", "parse_duration",
 ]  # fmt: skip
+HELDOUT = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny_heldout_prompts.jsonl"
 TEMPLATES = [
     "Write a Python function `{name}(value)` that does the following: {name} of the given value.",
     "What does the `{name}` helper in this module do?",
@@ -94,27 +99,63 @@ def train_drafter(target, workdir: Path, args) -> tuple[torch.nn.Module, dict]:
     return module.drafter.eval(), info
 
 
-def evaluate(target, drafter, temperature: float, args) -> dict:
-    """Held-out prompts decoded both ways at ``temperature`` (batch size 1, same seeds for both decoders)."""
-    options = DecodingOptions(temperature=temperature, max_new_tokens=args.max_new_tokens, warmup_prompts=2)
+def heldout_prompts(path: Path, count: int) -> list[str]:
+    """First user turns of the quickstart's held-out prompts (modules the tiny target never trained on)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line["turns"][0] for line in lines[:count]]
+
+
+def evaluate(target, drafter, engine: str, temperature: float, questions: list[str], args) -> dict:
+    """Held-out prompts decoded both ways (batch 1, same seeds, same session) on ``engine`` at ``temperature``."""
+    options = DecodingOptions(
+        temperature=temperature, max_new_tokens=args.max_new_tokens, warmup_prompts=2, engine=engine,
+        draft_length="fixed" if args.fixed_length else "auto",
+    )  # fmt: skip
     evaluator = SpeculativeEvaluator(target, drafter, options)
     evaluator.warmup()
     acceptance, speed = AcceptanceMetrics(evaluator.max_drafts), SpeedMetrics()
-    for index, question in enumerate(prompts(args.eval_prompts, seed=12345)):  # held out: another seed
+    greedy_equal = []
+    for index, question in enumerate(questions):
         outputs = evaluator.decode([render_chat(target, [{"role": "user", "content": question}], options)], index)
         acceptance.update_from(outputs.speculative.results)
         speed.update(outputs.speculative, outputs.autoregressive)
+        spec, plain = outputs.speculative.results[0].token_ids, outputs.autoregressive.results[0].token_ids
+        greedy_equal.append(spec == plain)
     values = {name: float(value) for name, value in {**acceptance.compute(), **speed.compute()}.items()}
     keys = ("tau", "propose", "verify_rate", "tokens_per_second", "ar_tokens_per_second", "speedup", "ideal_speedup")
-    keys += ("draft_ms_per_round", "verify_ms_per_round", "ar_ms_per_step")
-    return {
+    step = values["ar_ms_per_step"]
+    round_ms = values["draft_ms_per_round"] + values["verify_ms_per_round"]
+    policy = evaluator.draft_policy
+    costs = evaluator.costs.as_dict() if evaluator.costs is not None else None
+    forward = (costs or {}).get("target_forward_ms", {})
+    result = {
+        "engine": engine,
+        "compiled": bool(evaluator.decoder.session is not None and evaluator.decoder.session.step.compiled),
         "temperature": temperature,
         "max_new_tokens": args.max_new_tokens,
         "batch_size": 1,
         **{key: values[key] for key in keys},
+        "round": {
+            "draft_ms": values["draft_ms_per_round"],
+            "verify_ms": values["verify_ms_per_round"],
+            "round_ms": round_ms,
+            "plain_step_ms": step,
+            "draft_steps": values["draft_ms_per_round"] / step,
+            "verify_steps": values["verify_ms_per_round"] / step,
+            "round_steps": round_ms / step,
+        },
+        "measured_costs": costs,
+        "target_forward_8_over_1": forward[8] / forward[1] if 8 in forward and 1 in forward else None,
+        "draft_length": policy.typical_length if policy is not None else evaluator.max_drafts,
+        "rounds_by_draft_length": dict(sorted(policy.chosen.items())) if policy is not None else None,
+        "warmup_seconds": evaluator.warmup_seconds,
+        "compile_seconds": evaluator.compile_seconds,
         "accept_rate": [values[f"accept_rate@{k}"] for k in range(evaluator.max_drafts)],
         "cond_accept": [values[f"cond_accept@{k}"] for k in range(evaluator.max_drafts)],
     }
+    if temperature == 0:
+        result["greedy_equal_to_plain"] = f"{sum(greedy_equal)}/{len(greedy_equal)}"
+    return result
 
 
 def main() -> None:
@@ -124,15 +165,19 @@ def main() -> None:
     parser.add_argument("--train-prompts", type=int, default=160)
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--layer-ids", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--eval-prompts", type=int, default=12)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.0])
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (tiny tensors: 1 avoids stalls)")
+    parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--engines", nargs="+", default=["eager", "compiled"], choices=["eager", "static", "compiled"])
+    parser.add_argument("--fixed-length", action="store_true", help="always verify every draft (no cost model)")
+    parser.add_argument("--heldout", default=str(HELDOUT), help="JSONL of held-out prompts ({'turns': [...]})")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's, all cores)")
     parser.add_argument("--save-drafter", help="also write the trained drafter here (reuse it with --drafter)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "speculative_decoding.json"))
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     target = load_target(TINY_TARGET, device="cpu")
     with tempfile.TemporaryDirectory() as workdir:
         if args.drafter:
@@ -144,14 +189,19 @@ def main() -> None:
             if args.save_drafter:
                 drafter.save_pretrained(args.save_drafter)
 
-    runs = [evaluate(target, drafter, temperature, args) for temperature in args.temperatures]
+    questions = heldout_prompts(Path(args.heldout), args.eval_prompts)
+    runs = [
+        evaluate(target, drafter, engine, temperature, questions, args)
+        for temperature in args.temperatures
+        for engine in args.engines
+    ]
     result = {
         "benchmark": "speculative_decoding",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "target": TINY_TARGET,
         "drafter": {"algorithm": "dspark", "block_size": drafter.config.block_size, **training},
-        "eval_prompts": args.eval_prompts,
+        "eval_prompts": {"file": Path(args.heldout).name, "count": len(questions)},
         "runs": runs,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,7 @@ class SpeedupEvaluation(L.Callback):
         self.last: dict[str, float] = {}
         self._last_step = -1
         self._warm = False
+        self._evaluator: SpeculativeEvaluator | None = None
 
     def _conversations(self) -> list[list[str]]:
         return callback_conversations(self.prompts, self.eval_sets, DEFAULT_PROMPTS, self.num_prompts)
@@ -68,7 +69,11 @@ class SpeedupEvaluation(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Decode this rank's share of the prompts both ways; values are summed over ranks."""
         options = self._options(pl_module)
-        evaluator = SpeculativeEvaluator(pl_module.load_target(), pl_module.drafter, options)
+        evaluator = self._evaluator
+        if evaluator is None or evaluator.decoder.drafter is not pl_module.drafter or evaluator.options != options:
+            # kept across evaluations: its target session and compiled steps are built once per run
+            evaluator = self._evaluator = SpeculativeEvaluator(pl_module.load_target(), pl_module.drafter, options)
+            self._warm = False
         if not self._warm and options.warmup_prompts:
             evaluator.warmup()
             self._warm = True
@@ -82,7 +87,11 @@ class SpeedupEvaluation(L.Callback):
         values = {**acceptance.compute(), **speed.compute()}
         keep = ("tau", "propose", "verify_rate", "accept_rate@0", "tokens_per_second", "ar_tokens_per_second")
         keep += ("speedup", "ideal_speedup")
-        return {f"speedup/{name}": float(values[name]) for name in keep}
+        logged = {f"speedup/{name}": float(values[name]) for name in keep}
+        policy = evaluator.draft_policy
+        logged["speedup/draft_length"] = float(policy.typical_length if policy else evaluator.max_drafts)
+        logged["speedup/compile_seconds"] = evaluator.compile_seconds
+        return logged
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.last = self.evaluate(trainer, pl_module)
@@ -107,5 +116,18 @@ class SpeedupEvaluation(L.Callback):
             print(
                 f"τ {last['speedup/tau']:.2f} (incl. bonus)  speedup {last['speedup/speedup']:.2f}x wall-clock "
                 f"({last['speedup/tokens_per_second']:.1f} vs {last['speedup/ar_tokens_per_second']:.1f} tokens/s), "
-                f"ideal {last['speedup/ideal_speedup']:.2f}x  at step {trainer.global_step}"
+                f"ideal {last['speedup/ideal_speedup']:.2f}x, {int(last['speedup/draft_length'])} drafts/round, "
+                f"{self._engine_summary()}  at step {trainer.global_step}"
             )
+
+    def _engine_summary(self) -> str:
+        evaluator = self._evaluator
+        if evaluator is None:
+            return ""
+        engine = evaluator.options.engine
+        if engine == "compiled":
+            compiled = evaluator.decoder.session is not None and evaluator.decoder.session.step.compiled
+            if not compiled:
+                return "engine compiled→eager (compiler failed; see the warning)"
+            return f"engine compiled (warm-up {evaluator.warmup_seconds:.0f} s)"
+        return f"engine {engine}"

@@ -11,6 +11,7 @@ drafts, and what :func:`autoregressive_generate` samples from.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,10 +19,34 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from specdec.decoding.proposers import DraftRequest, Proposal, proposer_for
+from specdec.decoding.proposers import DraftRequest, DSparkProposer, Proposal, proposer_for
 from specdec.decoding.sampling import accept_draft, draw, residual_distribution, token_probabilities, uniform
+from specdec.decoding.static_proposer import StaticDSparkProposer
+from specdec.decoding.static_session import StaticTargetSession, supports_static_session
 from specdec.decoding.target_session import TargetSession
 from specdec.decoding.truncation import TruncationPolicy, truncate
+
+ENGINES = ("eager", "static", "compiled")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def static_session_for(
+    target: PreTrainedModel, layer_ids: Sequence[int] | None, engine: str, capacity: int = 256
+) -> StaticTargetSession | None:
+    """The static (``engine='static'``) or compiled session of ``target``, or None for the eager HF path."""
+    if engine == "eager":
+        return None
+    reason = supports_static_session(target)
+    if reason is not None:
+        _warn_once(f"engine {engine!r}: the target runs its eager HF forward ({reason})")
+        return None
+    return StaticTargetSession(target, layer_ids, capacity=capacity, compile=engine == "compiled")
 
 
 @dataclass
@@ -71,8 +96,8 @@ class _Clock:
         return time.perf_counter()
 
 
-def _first_tokens(session: TargetSession, prompts, temperature, generator):
-    step = session.prefill(prompts)
+def _first_tokens(session: TargetSession | StaticTargetSession, prompts, temperature, generator, reserve: int = 0):
+    step = session.prefill(prompts, reserve=reserve)
     probabilities = token_probabilities(step.logits[:, 0], temperature)
     return step, draw(probabilities, generator)
 
@@ -93,6 +118,13 @@ class SpeculativeDecoder:
         max_draft_tokens: cap on drafts per round (default: all the drafter predicts).
         policy: a truncation policy (``specdec.decoding.truncation`` / ``scheduler``) choosing, after drafting,
             how many drafts of each active row are verified; told each round's acceptance after verification.
+        engine: ``eager`` — the HF forward with a growing cache and the eager proposers (the reference);
+            ``static`` — preallocated KV and draft-context buffers driven at fixed shapes, run eagerly;
+            ``compiled`` — the same fixed-shape steps compiled with ``torch.compile`` (one graph per token-count
+            bucket, compiled on first use; a compiler failure warns once and runs them eagerly). Targets and
+            drafters the static path does not drive (:func:`supports_static_session`; Eagle3 drafts) keep
+            their eager half, with a warning.
+        capacity: positions per request the static buffers hold before they must grow (prompt + answer).
     """
 
     def __init__(
@@ -105,17 +137,50 @@ class SpeculativeDecoder:
         stop_token_ids: Sequence[int] = (),
         max_draft_tokens: int | None = None,
         policy: TruncationPolicy | None = None,
+        engine: str = "eager",
+        capacity: int = 256,
     ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r}: expected one of {ENGINES}")
         self.target = target
         self.drafter = drafter
+        self.engine = engine
+        self.layer_ids = list(drafter.config.target_layer_ids)
+        self.session = static_session_for(target, self.layer_ids, engine, capacity)
         self.proposer = proposer_for(drafter)
+        if engine != "eager":
+            if isinstance(self.proposer, DSparkProposer):
+                self.proposer = StaticDSparkProposer(
+                    drafter, temperature, capacity=capacity, compile=engine == "compiled"
+                )
+            else:
+                _warn_once(f"engine {engine!r}: {type(drafter).__name__} drafts with its eager proposer")
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.stop_token_ids = list(stop_token_ids)
         limit = self.proposer.num_predictions
         self.max_draft_tokens = limit if max_draft_tokens is None else min(limit, max_draft_tokens)
         self.policy = policy
-        self.layer_ids = list(drafter.config.target_layer_ids)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent compiling the target and draft steps so far (zero unless ``engine='compiled'``)."""
+        return sum(getattr(part, "compile_seconds", 0.0) for part in (self.session, self.proposer))
+
+    def _session(self) -> TargetSession | StaticTargetSession:
+        return self.session if self.session is not None else TargetSession(self.target, self.layer_ids)
+
+    def autoregressive(self, prompts: Sequence[Sequence[int]], generator: torch.Generator | None = None):
+        """Plain decoding of the same prompts on this decoder's own target session (the equal-footing baseline)."""
+        return autoregressive_generate(
+            self.target,
+            prompts,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=self.stop_token_ids,
+            generator=generator,
+            session=self.session,
+        )
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], generator: torch.Generator | None = None) -> DecodeOutput:
@@ -125,12 +190,13 @@ class SpeculativeDecoder:
         results = [GenerationResult(prompt_ids=list(prompt)) for prompt in prompts]
         output = DecodeOutput(results=results)
         stops = torch.tensor(self.stop_token_ids or [-1], device=device)
-        with TargetSession(self.target, self.layer_ids) as session:
-            step, first = _first_tokens(session, prompts, self.temperature, generator)
+        reserve = self.max_new_tokens + self.max_draft_tokens + 1
+        with self._session() as session:
+            step, first = _first_tokens(session, prompts, self.temperature, generator, reserve)
             output.prefill_seconds = clock.now() - began
             tokens = [torch.cat([torch.as_tensor(p, device=device), first[i : i + 1]]) for i, p in enumerate(prompts)]
             pending = [step.features[row, : len(prompt)] for row, prompt in enumerate(prompts)]
-            states = [self.proposer.new_state() for _ in prompts]
+            states = self.proposer.begin(len(prompts), max(len(p) for p in prompts) + reserve)
             active = []
             for row, result in enumerate(results):
                 result.token_ids.append(int(first[row]))
@@ -247,16 +313,21 @@ def autoregressive_generate(
     max_new_tokens: int = 256,
     stop_token_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
+    session: StaticTargetSession | None = None,
 ) -> DecodeOutput:
-    """Plain decoding of the target, one token per forward, through the same cache and sampling path."""
+    """Plain decoding of the target, one token per forward, through the same cache and sampling path.
+
+    ``session``: a static session to decode on (the one the speculative decoder verifies with, so both
+    decoders run the same compiled forwards); default a fresh HF session.
+    """
     device = _device_of(target)
     clock = _Clock(device)
     began = clock.now()
     results = [GenerationResult(prompt_ids=list(prompt)) for prompt in prompts]
     output = DecodeOutput(results=results)
     stops = torch.tensor(list(stop_token_ids) or [-1], device=device)
-    with TargetSession(target) as session:
-        _, token = _first_tokens(session, prompts, temperature, generator)
+    with session if session is not None else TargetSession(target) as session:
+        _, token = _first_tokens(session, prompts, temperature, generator, max_new_tokens)
         output.prefill_seconds = clock.now() - began
         active = torch.ones(len(prompts), dtype=torch.bool, device=device)
         while True:

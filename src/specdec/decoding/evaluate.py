@@ -8,13 +8,15 @@ the next one is asked. Both decoders sample through the same fp32 path, seeded i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from specdec.decoding.engine import DecodeOutput, SpeculativeDecoder, autoregressive_generate
+from specdec.decoding.draft_length import RoundCosts, ThroughputDraftLength, measure_round_costs
+from specdec.decoding.engine import DecodeOutput, SpeculativeDecoder
 from specdec.decoding.options import DecodingOptions
 
 
@@ -60,8 +62,20 @@ class SpeculativeEvaluator:
             max_new_tokens=self.options.max_new_tokens,
             stop_token_ids=self.stop_token_ids,
             max_draft_tokens=self.options.max_draft_tokens,
+            engine=self.options.engine,
         )
         self.device = next(target.model.parameters()).device
+        self.costs: RoundCosts | None = None  # measured by warmup() when the draft length is chosen from costs
+        self.warmup_seconds = 0.0  # warm-up, compilation and cost measurement (outside every timed decode)
+
+    @property
+    def draft_policy(self) -> ThroughputDraftLength | None:
+        policy = self.decoder.policy
+        return policy if isinstance(policy, ThroughputDraftLength) else None
+
+    @property
+    def chooses_draft_length(self) -> bool:
+        return self.options.draft_length == "auto" and self.decoder.max_draft_tokens > 1
 
     @property
     def max_drafts(self) -> int:
@@ -78,15 +92,8 @@ class SpeculativeEvaluator:
         try:
             speculative = self.decoder.generate(prompts, self._generator(seed))
             autoregressive = None
-            if measure:
-                autoregressive = autoregressive_generate(
-                    self.target.model,
-                    prompts,
-                    temperature=self.options.temperature,
-                    max_new_tokens=self.options.max_new_tokens,
-                    stop_token_ids=self.stop_token_ids,
-                    generator=self._generator(seed),
-                )
+            if measure:  # on the decoder's own target session: the same compiled forwards
+                autoregressive = self.decoder.autoregressive(prompts, self._generator(seed))
         finally:
             self.decoder.drafter.train(was_training)
         return TurnOutputs(speculative, autoregressive)
@@ -112,8 +119,26 @@ class SpeculativeEvaluator:
         return outputs
 
     def warmup(self, prompts: int | None = None) -> None:
-        """Untimed decodes of a short prompt by both decoders (allocators, kernels, lazy initialisation)."""
+        """Untimed decodes of a short prompt by both decoders (compilation, allocators, lazy initialisation).
+
+        With ``draft_length='auto'`` it then measures the round costs on the same session and installs a
+        :class:`ThroughputDraftLength` policy that chooses the draft length from them.
+        """
+        began = time.perf_counter()
         count = self.options.warmup_prompts if prompts is None else prompts
         ids = render_chat(self.target, [{"role": "user", "content": "Hello"}], self.options)
         for index in range(count):
             self.decode([ids], seed=index)
+        if self.chooses_draft_length and self.costs is None:
+            was_training = self.decoder.drafter.training
+            self.decoder.drafter.eval()
+            try:
+                self.costs = measure_round_costs(self.decoder, ids)
+            finally:
+                self.decoder.drafter.train(was_training)
+            self.decoder.policy = ThroughputDraftLength(self.costs, self.decoder.max_draft_tokens)
+        self.warmup_seconds += time.perf_counter() - began
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.decoder.compile_seconds

@@ -53,6 +53,10 @@ class DSparkProposer:
     def new_state(self) -> DraftContextCache:
         return self.drafter.new_cache()
 
+    def begin(self, batch: int, capacity: int = 0) -> list[DraftContextCache]:
+        """Fresh states for a batch of requests (the context caches grow as needed)."""
+        return [self.new_state() for _ in range(batch)]
+
     @torch.no_grad()
     def propose(
         self,
@@ -121,6 +125,10 @@ class Eagle3Proposer:
 
     def new_state(self) -> Eagle3State:
         return Eagle3State()
+
+    def begin(self, batch: int, capacity: int = 0) -> list[Eagle3State]:
+        """Fresh states for a batch of requests (the draft KV caches grow as needed)."""
+        return [self.new_state() for _ in range(batch)]
 
     def _draw(self, hidden: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A token from the draft head at ``hidden`` [1, H] and its distribution over the target vocabulary."""

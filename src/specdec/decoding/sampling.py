@@ -19,11 +19,23 @@ def token_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tenso
     return torch.softmax(logits / temperature, dim=-1)
 
 
-def draw(probabilities: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of ``probabilities`` ([..., V] → [...])."""
-    flat = probabilities.reshape(-1, probabilities.shape[-1])
-    tokens = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
-    return tokens.view(probabilities.shape[:-1])
+def draw(
+    probabilities: torch.Tensor, generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One token per row of ``probabilities`` ([..., V] → [...]), distributed as the row (inverse CDF).
+
+    The token is the first index whose cumulative probability exceeds ``u · total``, ``u ~ U[0, 1)``: a
+    zero-probability token is never drawn (its cumulative sum equals its predecessor's) and a one-hot row gives
+    its argmax. The cumulative sum runs in fp64 so rounding moves no probability mass that matters, even over
+    a 150 k vocabulary. Written this way the draw is a pure function of ``uniforms`` [...], so a compiled
+    graph takes them as an input instead of a generator; they are drawn from ``generator`` when not given.
+    """
+    if uniforms is None:
+        uniforms = uniform(tuple(probabilities.shape[:-1]), probabilities.device, generator)
+    cdf = probabilities.double().cumsum(dim=-1)
+    threshold = (uniforms.double() * cdf[..., -1]).unsqueeze(-1)
+    tokens = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
+    return tokens.clamp_max(probabilities.shape[-1] - 1)
 
 
 def uniform(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:

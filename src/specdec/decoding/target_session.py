@@ -98,8 +98,12 @@ class TargetSession:
         self._captured.clear()
         return TargetStep(logits=output.logits, features=features)
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> TargetStep:
-        """Run the prompts (right-padded); logits are those of each prompt's last token ([B, 1, V])."""
+    def prefill(self, prompts: Sequence[Sequence[int]], reserve: int = 0) -> TargetStep:
+        """Run the prompts (right-padded); logits are those of each prompt's last token ([B, 1, V]).
+
+        ``reserve`` (slots needed beyond the prompts) is accepted for the static session's protocol; this
+        cache grows as it goes.
+        """
         if not prompts or any(len(prompt) == 0 for prompt in prompts):
             raise ValueError("every prompt needs at least one token")
         lengths = torch.tensor([len(prompt) for prompt in prompts], device=self.device)

@@ -81,11 +81,35 @@ def choose_attention_backend(requested: str, device: torch.device) -> str:
     return "flex" if device.type == "cuda" and flex_attention is not None else "sdpa"
 
 
+FEW_QUERIES = 32  # below this many queries, inference attention is written out (see few_query_attention)
+
+
+def few_query_attention(query, key, value, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Grouped-query softmax attention written as two matmuls and an fp32 softmax.
+
+    Decoding attends a handful of queries (a block, a verification chunk) over a long buffer; the CPU SDPA
+    kernels pay a fixed cost per call that dwarfs that work, while this form lets a compiled graph fuse the
+    mask and scaling into its neighbours. ``mask`` is a bool mask broadcastable to [B, 1, Q, KV] (or None).
+    """
+    batch, heads, width, head_dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * width, head_dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).view(batch, kv_heads, groups, width, length)
+    scores = scores.float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, kv_heads, groups * width, length)
+    return torch.matmul(weights, value).view(batch, heads, width, head_dim)
+
+
 def attend(query, key, value, mask, scale: float) -> torch.Tensor:
     """Scaled dot-product attention with GQA; ``mask`` is a dense bool mask, a BlockMask, or None."""
     if BlockMask is not None and isinstance(mask, BlockMask):
         run = _compiled_flex_attention() if query.is_cuda else flex_attention
         return run(query, key, value, block_mask=mask, scale=scale, enable_gqa=True)
+    if query.shape[-2] <= FEW_QUERIES and not torch.is_grad_enabled() and not query.is_cuda:
+        return few_query_attention(query, key, value, mask, scale)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
 
 

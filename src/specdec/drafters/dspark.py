@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from specdec.decoding.sampling import draw, token_probabilities
+from specdec.decoding.sampling import draw, token_probabilities, uniform
 from specdec.drafters.anchors import TrainingBlocks, build_training_blocks
 from specdec.drafters.attention import (
     KVInjectionAttention,
@@ -265,9 +265,16 @@ class DSparkDrafter(DSparkPreTrainedModel):
         anchor_ids: torch.Tensor,
         temperature: float,
         generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
     ) -> DraftBlock:
-        """Draft the block's tokens slot by slot; each slot's logits are corrected by the token just drafted."""
+        """Draft the block's tokens slot by slot; each slot's logits are corrected by the token just drafted.
+
+        ``uniforms`` [B, P] (see :func:`specdec.decoding.sampling.draw`) make the block a pure function of its
+        inputs, which is how a compiled draft step samples; without them they are drawn from ``generator``.
+        """
         base_logits = self.target_head.logits(hidden)
+        if uniforms is None:
+            uniforms = uniform(tuple(base_logits.shape[:2]), hidden.device, generator)
         prev = anchor_ids
         state = self.markov_head.initial_state(hidden[:, 0]) if self.markov_head is not None else None
         tokens, probabilities, previous = [], [], []
@@ -278,7 +285,7 @@ class DSparkDrafter(DSparkPreTrainedModel):
                 logits = logits.float() + bias.float()
             q = token_probabilities(logits, temperature)
             previous.append(prev)
-            prev = draw(q, generator)
+            prev = draw(q, uniforms=uniforms[:, slot])
             tokens.append(prev)
             probabilities.append(q)
         confidence = None

@@ -102,6 +102,13 @@ class SpeculativeTestMixin:
         columns, rows = format_table(values, evaluator.max_drafts, str(getattr(self, "target_name", "")))
         if self.trainer.is_global_zero:
             print(render_table(columns, rows))
+            policy = evaluator.draft_policy
+            if policy is not None:
+                print(
+                    f"draft length chosen from measured costs: {policy.typical_length} (rounds by length: "
+                    f"{dict(sorted(policy.chosen.items()))}); engine {evaluator.options.engine}, "
+                    f"warm-up {evaluator.warmup_seconds:.1f} s"
+                )
         self._log_wandb_tables(columns, rows, values, evaluator.max_drafts)
         metrics.reset()
 
