@@ -80,11 +80,13 @@ def test_fit_runs_the_pipeline_logs_callbacks_and_prints_tau(quickstart):
     answers = [json.loads(line) for line in (work / "answers/train.jsonl").read_text().splitlines()]
     assert len(answers) == 40 and all(row["messages"][-1]["role"] == "assistant" for row in answers)
     last_line = [line for line in fit.stdout.splitlines() if line.strip()][-1]
-    assert last_line.startswith("τ ") and "speedup" in last_line
+    assert last_line.startswith("T=0: τ ") and " | T=1: τ " in last_line and "speedup" in last_line
+    assert "engine compiled (warm-up" in last_line  # the compiler worked: no fallback to eager
     with next(work.rglob("metrics.csv")).open() as handle:
         rows = list(csv.DictReader(handle))
     columns = set(rows[0])
     assert {"train/loss", "train/tau_probabilistic", "speedup/tau", "speedup/speedup"} <= columns
+    assert {"speedup/T0/speedup", "speedup/T1/speedup", "speedup/T1/draft_length"} <= columns
     assert any(name.startswith("sim/") for name in columns), columns
     tau = [float(row["speedup/tau"]) for row in rows if row.get("speedup/tau")]
     assert tau and tau[-1] >= 1.0

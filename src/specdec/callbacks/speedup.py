@@ -28,6 +28,9 @@ DEFAULT_PROMPTS = (
 class SpeedupEvaluation(L.Callback):
     """Measure τ and wall-clock speedup of the drafter being trained, by decoding a few prompts for real.
 
+    Both decoders run on the module's decoding engine (``decoding_options.engine``) and share one target
+    session; evaluators (sessions, compiled steps, measured costs) are kept for the whole run.
+
     Args:
         every_n_steps: how often (optimizer steps); 0 = only when training ends.
         prompts: user prompts (default: a few code-assistant prompts, or ``eval_sets`` when given).
@@ -35,6 +38,8 @@ class SpeedupEvaluation(L.Callback):
         num_prompts: at most this many prompts per evaluation (split across ranks).
         max_new_tokens: tokens per prompt (default: the module's ``decoding_options``).
         temperature: sampling temperature (default: the module's ``decoding_options``).
+        temperatures: decode at each of these instead (e.g. ``[0.0, 1.0]``): metrics go to
+            ``speedup/T<t>/…`` (the first temperature's also to ``speedup/…``) and the final line reports each.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class SpeedupEvaluation(L.Callback):
         num_prompts: int = 4,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
+        temperatures: list[float] | None = None,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.prompts = prompts
@@ -52,31 +58,46 @@ class SpeedupEvaluation(L.Callback):
         self.num_prompts = num_prompts
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.temperatures = list(temperatures) if temperatures else None
         self.last: dict[str, float] = {}
         self._last_step = -1
-        self._warm = False
-        self._evaluator: SpeculativeEvaluator | None = None
+        self._evaluators: dict[float | None, SpeculativeEvaluator] = {}
 
     def _conversations(self) -> list[list[str]]:
         return callback_conversations(self.prompts, self.eval_sets, DEFAULT_PROMPTS, self.num_prompts)
 
-    def _options(self, pl_module) -> DecodingOptions:
+    def _options(self, pl_module, temperature: float | None) -> DecodingOptions:
         return callback_decoding_options(
-            pl_module, measure_speedup=True, max_new_tokens=self.max_new_tokens, temperature=self.temperature
+            pl_module, measure_speedup=True, max_new_tokens=self.max_new_tokens, temperature=temperature
         )
+
+    def _evaluator(self, pl_module, temperature: float | None) -> SpeculativeEvaluator:
+        """The evaluator at ``temperature``, built (and warmed up: compiled, costs measured) once per run."""
+        options = self._options(pl_module, temperature)
+        evaluator = self._evaluators.get(temperature)
+        if evaluator is None or evaluator.decoder.drafter is not pl_module.drafter or evaluator.options != options:
+            evaluator = SpeculativeEvaluator(pl_module.load_target(), pl_module.drafter, options)
+            if options.warmup_prompts:
+                evaluator.warmup()
+            self._evaluators[temperature] = evaluator
+        return evaluator
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Decode this rank's share of the prompts both ways; values are summed over ranks."""
-        options = self._options(pl_module)
-        evaluator = self._evaluator
-        if evaluator is None or evaluator.decoder.drafter is not pl_module.drafter or evaluator.options != options:
-            # kept across evaluations: its target session and compiled steps are built once per run
-            evaluator = self._evaluator = SpeculativeEvaluator(pl_module.load_target(), pl_module.drafter, options)
-            self._warm = False
-        if not self._warm and options.warmup_prompts:
-            evaluator.warmup()
-            self._warm = True
+        """Decode this rank's share of the prompts both ways at each temperature; values are summed over ranks."""
+        if self.temperatures is None:
+            return self._evaluate_at(trainer, pl_module, self.temperature, "speedup/")
+        logged: dict[str, float] = {}
+        for index, temperature in enumerate(self.temperatures):
+            values = self._evaluate_at(trainer, pl_module, temperature, f"speedup/T{temperature:g}/")
+            logged.update(values)
+            if index == 0:
+                logged.update({name.replace(f"/T{temperature:g}/", "/"): value for name, value in values.items()})
+        return logged
+
+    def _evaluate_at(self, trainer, pl_module, temperature: float | None, prefix: str) -> dict[str, float]:
+        evaluator = self._evaluator(pl_module, temperature)
+        options = evaluator.options
         acceptance = AcceptanceMetrics(evaluator.max_drafts).to(pl_module.device)
         speed = SpeedMetrics().to(pl_module.device)
         conversations = self._conversations()[trainer.global_rank :: trainer.world_size]
@@ -87,10 +108,10 @@ class SpeedupEvaluation(L.Callback):
         values = {**acceptance.compute(), **speed.compute()}
         keep = ("tau", "propose", "verify_rate", "accept_rate@0", "tokens_per_second", "ar_tokens_per_second")
         keep += ("speedup", "ideal_speedup")
-        logged = {f"speedup/{name}": float(values[name]) for name in keep}
+        logged = {f"{prefix}{name}": float(values[name]) for name in keep}
         policy = evaluator.draft_policy
-        logged["speedup/draft_length"] = float(policy.typical_length if policy else evaluator.max_drafts)
-        logged["speedup/compile_seconds"] = evaluator.compile_seconds
+        logged[f"{prefix}draft_length"] = float(policy.typical_length if policy else evaluator.max_drafts)
+        logged[f"{prefix}compile_seconds"] = evaluator.compile_seconds
         return logged
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -112,22 +133,32 @@ class SpeedupEvaluation(L.Callback):
             self._last_step = trainer.global_step
             self._run(trainer, pl_module)
         if trainer.is_global_zero:
-            last = self.last
-            print(
-                f"τ {last['speedup/tau']:.2f} (incl. bonus)  speedup {last['speedup/speedup']:.2f}x wall-clock "
-                f"({last['speedup/tokens_per_second']:.1f} vs {last['speedup/ar_tokens_per_second']:.1f} tokens/s), "
-                f"ideal {last['speedup/ideal_speedup']:.2f}x, {int(last['speedup/draft_length'])} drafts/round, "
-                f"{self._engine_summary()}  at step {trainer.global_step}"
+            print(self.summary(trainer.global_step))
+
+    def summary(self, step: int) -> str:
+        """The line printed when training ends: τ and speedup at each temperature, draft length, engine."""
+        last = self.last
+        temperatures = self.temperatures or [None]
+        parts = []
+        for temperature in temperatures:
+            prefix = "speedup/" if temperature is None else f"speedup/T{temperature:g}/"
+            label = "" if temperature is None else f"T={temperature:g}: "
+            parts.append(
+                f"{label}τ {last[prefix + 'tau']:.2f} (incl. bonus)  speedup {last[prefix + 'speedup']:.2f}x "
+                f"wall-clock ({last[prefix + 'tokens_per_second']:.1f} vs {last[prefix + 'ar_tokens_per_second']:.1f} "
+                f"tokens/s), ideal {last[prefix + 'ideal_speedup']:.2f}x, {int(last[prefix + 'draft_length'])} drafts"
             )
+        return " | ".join(parts) + f"  [{self._engine_summary()}] at step {step}"
 
     def _engine_summary(self) -> str:
-        evaluator = self._evaluator
-        if evaluator is None:
+        evaluators = list(self._evaluators.values())
+        if not evaluators:
             return ""
-        engine = evaluator.options.engine
-        if engine == "compiled":
-            compiled = evaluator.decoder.session is not None and evaluator.decoder.session.step.compiled
-            if not compiled:
-                return "engine compiled→eager (compiler failed; see the warning)"
-            return f"engine compiled (warm-up {evaluator.warmup_seconds:.0f} s)"
-        return f"engine {engine}"
+        engine = evaluators[0].options.engine
+        if engine != "compiled":
+            return f"engine {engine}, plain decoding on the same engine"
+        session = evaluators[0].decoder.session
+        if session is None or not session.step.compiled:
+            return "engine compiled→eager (see the warning), plain decoding on the same engine"
+        warmup = sum(evaluator.warmup_seconds for evaluator in evaluators)
+        return f"engine compiled (warm-up {warmup:.0f} s), plain decoding on the same engine"

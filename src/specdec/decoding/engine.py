@@ -16,15 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from specdec.decoding.compiled import CompiledStep
 from specdec.decoding.proposers import DraftRequest, DSparkProposer, Proposal, proposer_for
 from specdec.decoding.sampling import accept_draft, draw, residual_distribution, token_probabilities, uniform
 from specdec.decoding.static_proposer import StaticDSparkProposer
-from specdec.decoding.static_session import StaticTargetSession, supports_static_session
+from specdec.decoding.static_session import StaticTargetSession, round_up_to_bucket, supports_static_session
 from specdec.decoding.target_session import TargetSession
-from specdec.decoding.truncation import TruncationPolicy, truncate
+from specdec.decoding.truncation import FixedLength, TruncationPolicy, truncate
 
 ENGINES = ("eager", "static", "compiled")
 _warned: set[str] = set()
@@ -96,6 +98,39 @@ class _Clock:
         return time.perf_counter()
 
 
+def acceptance_test(temperature: float):
+    """The acceptance test of one verified round, as a pure function of tensors (so it compiles per bucket).
+
+    ``logits`` [A, W, V] are the target's at the anchor and each draft, ``q`` [A, W, V] the drafter's
+    distributions, ``drafts`` [A, W - 1] with ``counts`` [A] of them verified, ``u`` [A, W - 1] the acceptance
+    uniforms and ``u_next`` [A] the uniform of the residual (after a rejection) or bonus (after full
+    acceptance) draw. Returns accepted drafts, the next token, whether a stop token ended the row among its
+    accepted drafts (then no token follows), and whether the next token is a stop token.
+    """
+
+    def run(logits, q, drafts, counts, u, u_next, stops):
+        rows, width = logits.shape[0], logits.shape[1]
+        p = token_probabilities(logits, temperature)
+        slot = torch.arange(width - 1, device=logits.device)
+        proposed = slot[None] < counts[:, None]
+        p_draft = p[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
+        q_draft = q[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
+        passed = accept_draft(p_draft, q_draft, u) & proposed
+        accepted = passed.long().cumprod(dim=-1).sum(dim=-1)  # [A]
+        # A stop token among the accepted drafts ends the request right there (no bonus token after it).
+        stop_hit = torch.isin(drafts, stops) & (slot[None] < accepted[:, None])
+        sentinel = torch.ones(rows, 1, dtype=torch.bool, device=logits.device)
+        first_stop = torch.cat([stop_hit, sentinel], dim=-1).long().argmax(dim=-1)  # width - 1 when there is none
+        stopped_early = first_stop < width - 1
+        accepted = torch.where(stopped_early, first_stop + 1, accepted)
+        index = torch.arange(rows, device=logits.device)
+        following = residual_distribution(p[index, accepted], q[index, accepted])
+        next_tokens = draw(following, uniforms=u_next)
+        return accepted, next_tokens, stopped_early, torch.isin(next_tokens, stops)
+
+    return run
+
+
 def _first_tokens(session: TargetSession | StaticTargetSession, prompts, temperature, generator, reserve: int = 0):
     step = session.prefill(prompts, reserve=reserve)
     probabilities = token_probabilities(step.logits[:, 0], temperature)
@@ -161,11 +196,36 @@ class SpeculativeDecoder:
         limit = self.proposer.num_predictions
         self.max_draft_tokens = limit if max_draft_tokens is None else min(limit, max_draft_tokens)
         self.policy = policy
+        device = _device_of(target)
+        compile_acceptance = engine == "compiled" and self.session is not None
+        self._acceptance = CompiledStep(
+            acceptance_test(temperature), enabled=compile_acceptance, name="acceptance test", device=device
+        )
 
     @property
     def compile_seconds(self) -> float:
         """Time spent compiling the target and draft steps so far (zero unless ``engine='compiled'``)."""
-        return sum(getattr(part, "compile_seconds", 0.0) for part in (self.session, self.proposer))
+        parts = (self.session, self.proposer, self._acceptance)
+        return sum(getattr(part, "compile_seconds", 0.0) for part in parts)
+
+    @torch.no_grad()
+    def warm_up(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Decode ``prompts`` (one batch) at every verification bucket and plainly, so every compiled shape exists.
+
+        Compilation then happens here, before any timed decode (a bucket first met in a timed decode would
+        put seconds of compilation inside it).
+        """
+        saved = self.policy, self.max_new_tokens
+        widths = range(2, self.max_draft_tokens + 2)
+        buckets = {round_up_to_bucket(w, self.session.buckets) for w in widths} if self.session else {max(widths)}
+        try:
+            for bucket in sorted(buckets):
+                drafts = min(bucket - 1, self.max_draft_tokens)
+                self.policy, self.max_new_tokens = FixedLength(drafts), 2 * (drafts + 1) + 1
+                self.generate(prompts, torch.Generator(device=_device_of(self.target)).manual_seed(0))
+        finally:
+            self.policy, self.max_new_tokens = saved
+        self.autoregressive(prompts, torch.Generator(device=_device_of(self.target)).manual_seed(0))
 
     def _session(self) -> TargetSession | StaticTargetSession:
         return self.session if self.session is not None else TargetSession(self.target, self.layer_ids)
@@ -263,32 +323,24 @@ class SpeculativeDecoder:
         step = session.extend(input_ids, lengths)
 
         active = torch.tensor(rows, device=device)
-        p = token_probabilities(step.logits[active], self.temperature)  # [A, width, V]
-        vocab = p.shape[-1]
-        q = torch.zeros(len(rows), width, vocab, device=device)
+        logits = step.logits[active]  # [A, width, V]
+        q = torch.zeros(len(rows), width, logits.shape[-1], device=device)
         for index in range(len(rows)):
             drafted = proposals[index].probabilities
             q[index, : drafted.shape[0]] = drafted.to(device)
         drafts = input_ids[active, 1:]  # [A, width - 1]
-        slot = torch.arange(width - 1, device=device)
-        proposed = slot[None] < counts[active, None]
         u = uniform(tuple(drafts.shape), device, generator)
-        p_draft = p[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
-        q_draft = q[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
-        passed = accept_draft(p_draft, q_draft, u) & proposed
-        accepted = passed.long().cumprod(dim=-1).sum(dim=-1)  # [A]
-
-        # A stop token among the accepted drafts ends the request right there (no bonus token after it).
-        stop_hit = torch.isin(drafts, stops) & (slot[None] < accepted[:, None])
-        sentinel = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
-        first_stop = torch.cat([stop_hit, sentinel], dim=-1).long().argmax(dim=-1)  # width - 1 when there is none
-        stopped_early = first_stop < width - 1
-        accepted = torch.where(stopped_early, first_stop + 1, accepted)
-
-        index = torch.arange(len(rows), device=device)
-        following = residual_distribution(p[index, accepted], q[index, accepted])
-        next_tokens = draw(following, generator)
-        next_is_stop = torch.isin(next_tokens, stops)
+        u_next = uniform((len(rows),), device, generator)  # the residual / bonus draw's
+        verified = counts[active]
+        if self._acceptance.compiled:  # one graph per bucket: pad to it (padded slots are never verified)
+            padded = round_up_to_bucket(width, self.session.buckets) if self.session is not None else width
+            if padded != width:
+                grow = padded - width
+                logits, q = F.pad(logits, (0, 0, 0, grow)), F.pad(q, (0, 0, 0, grow))
+                drafts, u = F.pad(drafts, (0, grow)), F.pad(u, (0, grow), value=1.0)
+        accepted, next_tokens, stopped_early, next_is_stop = self._acceptance(
+            logits, q, drafts, verified, u, u_next, stops
+        )
 
         kept = torch.zeros(batch, dtype=torch.long, device=device)
         kept[active] = accepted + 1

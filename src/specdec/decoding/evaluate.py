@@ -127,6 +127,12 @@ class SpeculativeEvaluator:
         began = time.perf_counter()
         count = self.options.warmup_prompts if prompts is None else prompts
         ids = render_chat(self.target, [{"role": "user", "content": "Hello"}], self.options)
+        was_training = self.decoder.drafter.training
+        self.decoder.drafter.eval()
+        try:
+            self.decoder.warm_up([ids] * self.options.batch_size)  # every compiled shape, before anything is timed
+        finally:
+            self.decoder.drafter.train(was_training)
         for index in range(count):
             self.decode([ids], seed=index)
         if self.chooses_draft_length and self.costs is None:
