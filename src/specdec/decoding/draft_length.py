@@ -67,24 +67,24 @@ def measure_round_costs(decoder, prompt: Sequence[int], repeats: int = 9) -> Rou
 
     device = next(decoder.target.parameters()).device
     cuda = device.type == "cuda"
-    forward: dict[int, float] = {}
+    counts = range(1, max_drafts + 2)
+    seconds: dict[int, list[float]] = {count: [] for count in counts}
+    keep_one = torch.ones(1, dtype=torch.long, device=device)
     with decoder._session() as session:
-        session.prefill([list(prompt)], reserve=(max_drafts + 2) * (repeats + 2))
-        for count in range(1, max_drafts + 2):
-            ids = torch.as_tensor(list(prompt[-count:]) * (count // len(prompt) + 1), device=device)[None, :count]
-            lengths = torch.full((1,), count, dtype=torch.long, device=device)
-            seconds = []
-            for attempt in range(repeats + 2):
+        session.prefill([list(prompt)], reserve=len(counts) * (repeats + 2))
+        for attempt in range(repeats + 2):  # widths interleaved, so drift on a busy machine hits all alike
+            for count in counts:
+                ids = torch.as_tensor((list(prompt) * count)[:count], device=device)[None]
                 if cuda:
                     torch.cuda.synchronize(device)
                 began = time.perf_counter()
-                session.extend(ids, lengths)
-                session.keep(torch.ones(1, dtype=torch.long, device=device))
+                session.extend(ids, torch.full((1,), count, dtype=torch.long, device=device))
+                session.keep(keep_one)
                 if cuda:
                     torch.cuda.synchronize(device)
                 if attempt >= 2:
-                    seconds.append(time.perf_counter() - began)
-            forward[count] = _median(seconds)
+                    seconds[count].append(time.perf_counter() - began)
+    forward = {count: _median(values) for count, values in seconds.items()}
     # what a round spends around the forward (acceptance test, commit) is assumed independent of the width
     overhead = max(verify_full - forward[max_drafts + 1], 0.0)
     verify = {count: seconds + overhead for count, seconds in forward.items()}
