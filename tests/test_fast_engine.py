@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +39,8 @@ from tests.test_decoding import (
     sampled_counts,
     small_target,
 )
+
+REPO = Path(__file__).parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,6 +121,41 @@ def test_greedy_output_equals_plain_output_on_every_engine(random_target, engine
     if engine == "compiled":
         assert decoder.session.step.compiled and decoder.proposer.step.compiled
         assert decoder.compile_seconds > 0
+
+
+def test_compiled_greedy_output_equals_plain_output_on_every_heldout_prompt():
+    """The tiny target on the quickstart's held-out prompts, chat-rendered, with an untrained drafter (many
+    rejections): every compiled speculative answer equals the compiled plain answer and the eager HF one."""
+    from specdec.decoding import DecodingOptions
+    from specdec.decoding.evaluate import render_chat, stop_tokens_of
+    from specdec.drafters import DSparkConfig, DSparkDrafter
+    from specdec.targets import TINY_TARGET, load_target, read_target_head
+
+    target = load_target(TINY_TARGET, device="cpu")
+    torch.manual_seed(0)
+    mask = target.tokenizer.mask_token_id
+    config = DSparkConfig.from_target(
+        target.model.config, [0, 2, 4], num_hidden_layers=1, block_size=4, mask_token_id=mask
+    )
+    drafter = DSparkDrafter(config).eval()
+    drafter.attach_target_head(read_target_head(TINY_TARGET))
+    options = DecodingOptions(temperature=0.0, max_new_tokens=32)
+    stops = stop_tokens_of(target, options)
+    lines = (REPO / "configs/data/tiny_heldout_prompts.jsonl").read_text().splitlines()
+    prompts = [
+        render_chat(target, [{"role": "user", "content": json.loads(line)["turns"][0]}], options) for line in lines
+    ]
+    decoder = SpeculativeDecoder(
+        target.model, drafter, temperature=0.0, max_new_tokens=32, stop_token_ids=stops, engine="compiled"
+    )
+    for prompt in prompts:
+        speculative = decoder.generate([prompt]).results[0]
+        plain = decoder.autoregressive([prompt]).results[0].token_ids
+        reference = autoregressive_generate(
+            target.model, [prompt], temperature=0.0, max_new_tokens=32, stop_token_ids=stops
+        )
+        assert speculative.token_ids == plain == reference.results[0].token_ids
+    assert len(prompts) == 16 and decoder.session.step.compiled and decoder.proposer.step.compiled
 
 
 def test_static_engine_decodes_exactly_what_the_eager_engine_decodes(random_target):
