@@ -333,7 +333,7 @@ class SpeculativeDecoder:
         u_next = uniform((len(rows),), device, generator)  # the residual / bonus draw's
         verified = counts[active]
         if self._acceptance.compiled:  # one graph per bucket: pad to it (padded slots are never verified)
-            padded = round_up_to_bucket(width, self.session.buckets) if self.session is not None else width
+            padded = round_up_to_bucket(width, self.session.buckets)  # compiled only with a static session
             if padded != width:
                 grow = padded - width
                 logits, q = F.pad(logits, (0, 0, 0, grow)), F.pad(q, (0, 0, 0, grow))

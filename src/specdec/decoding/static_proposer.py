@@ -25,7 +25,7 @@ from torch import nn
 from specdec.decoding.compiled import CompiledStep
 from specdec.decoding.proposers import DraftRequest, Proposal
 from specdec.decoding.sampling import uniform
-from specdec.decoding.static_session import buffer_capacity
+from specdec.decoding.static_session import LayerKVBuffers, buffer_capacity
 
 
 @dataclass
@@ -36,22 +36,13 @@ class StaticDraftState:
     length: int = 0
 
 
-class _DraftRound(nn.Module):
+class _DraftRound(LayerKVBuffers):
     """Injection, block forward and sampling of one round, for all rows at once (see the module docstring)."""
 
     def __init__(self, drafter: nn.Module, temperature: float) -> None:
-        super().__init__()
+        super().__init__(len(drafter.layers))
         self.drafter = drafter
         self.temperature = temperature
-        self.num_layers = len(drafter.layers)
-
-    def allocate(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
-        for index in range(self.num_layers):
-            self.register_buffer(f"keys_{index}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-            self.register_buffer(f"values_{index}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def context_buffers(self) -> list[torch.Tensor]:
-        return [getattr(self, f"{kind}_{i}") for i in range(self.num_layers) for kind in ("keys", "values")]
 
     def inject(self, features: torch.Tensor, start: torch.Tensor) -> None:
         """Write context keys/values of ``features`` [B, T, L*H] at slots ``start[b] + 0 .. T - 1``."""
@@ -62,8 +53,9 @@ class _DraftRound(nn.Module):
         for index, layer in enumerate(drafter.layers):
             keys, values = layer.self_attn.context_key_values(context, rotary)  # [B, kv, T, D]
             where = slots[:, None, :, None].expand_as(keys)
-            getattr(self, f"keys_{index}").scatter_(2, where, keys.to(getattr(self, f"keys_{index}").dtype))
-            getattr(self, f"values_{index}").scatter_(2, where, values.to(getattr(self, f"values_{index}").dtype))
+            key_buffer, value_buffer = self.kv(index)
+            key_buffer.scatter_(2, where, keys.to(key_buffer.dtype))
+            value_buffer.scatter_(2, where, values.to(value_buffer.dtype))
 
     def forward(
         self,
@@ -95,7 +87,7 @@ class _DraftRound(nn.Module):
         rotary = drafter.rotary_emb(embeddings, positions)
         hidden = embeddings
         for index, layer in enumerate(drafter.layers):
-            hidden = layer(hidden, rotary, getattr(self, f"keys_{index}"), getattr(self, f"values_{index}"), mask)
+            hidden = layer(hidden, rotary, *self.kv(index), mask)
         hidden = drafter.norm(hidden)[:, config.first_prediction_slot :]
         drafted = drafter.sample_block(hidden, anchors, self.temperature, uniforms=uniforms)
         return drafted.tokens, drafted.probabilities, drafted.confidence_logits
@@ -138,10 +130,7 @@ class StaticDSparkProposer:
         capacity = max(buffer_capacity(needed), self.capacity)
         attention = self.drafter.layers[0].self_attn
         shape = (batch, attention.num_kv_heads, capacity, attention.head_dim)
-        old = self.round.context_buffers() if batch == self.batch else []
-        self.round.allocate(shape, self.device, self.dtype)
-        for target, source in zip(self.round.context_buffers()[: len(old)], old, strict=True):  # growing: keep them
-            target[:, :, : source.shape[2]] = source
+        self.round.resize(shape, self.device, self.dtype)  # growing: what is injected stays
         self.batch, self.capacity = batch, capacity
 
     def begin(self, batch: int, capacity: int = 0) -> list[StaticDraftState]:

@@ -76,29 +76,47 @@ def round_up_to_bucket(count: int, buckets: Sequence[int]) -> int:
     return -(-count // largest) * largest
 
 
-class _LeanForward(nn.Module):
+class LayerKVBuffers(nn.Module):
+    """Per-layer key and value buffers, registered (non-persistent) on the module a compiled step runs.
+
+    Registered buffers sit at fixed addresses, which is what CUDA-graph capture needs for tensors a graph
+    writes; the static session's target forward and the static proposer's draft round both keep theirs here.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+
+    def kv(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"keys_{index}"), getattr(self, f"values_{index}")
+
+    def resize(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
+        """Allocate [B, kv_heads, slots, D] buffers; when only the slot count grows, keep what they hold."""
+        old = [self.kv(index) for index in range(self.num_layers)] if hasattr(self, "keys_0") else []
+        for index in range(self.num_layers):
+            for kind in ("keys", "values"):
+                buffer = torch.zeros(shape, device=device, dtype=dtype)
+                self.register_buffer(f"{kind}_{index}", buffer, persistent=False)
+        if old and tuple(old[0][0].shape[:2]) == tuple(shape[:2]):
+            for index, (keys, values) in enumerate(old):
+                new_keys, new_values = self.kv(index)
+                new_keys[:, :, : keys.shape[2]] = keys
+                new_values[:, :, : values.shape[2]] = values
+
+
+class _LeanForward(LayerKVBuffers):
     """The target's forward over a chunk of slots, written against fixed-capacity KV buffers it owns.
 
     Inputs are all tensors (no Python ints that would specialise a compiled graph): ``slots`` [n] are the
     buffer slots the chunk is written to, ``valid`` [B, S] marks every usable slot (the chunk's included).
-    The buffers are registered (non-persistent) so a compiled graph sees them at fixed addresses, which is
-    what CUDA-graph capture needs for tensors a graph writes.
     """
 
     def __init__(self, model: nn.Module, layer_ids: Sequence[int]) -> None:
-        super().__init__()
-        self.decoder = decoder_of(model)
+        decoder = decoder_of(model)
+        super().__init__(len(decoder.layers))
+        self.decoder = decoder
         self.lm_head = model.get_output_embeddings()
         self.layer_ids = tuple(layer_ids)
-        self.num_layers = len(self.decoder.layers)
-
-    def allocate(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
-        for index in range(self.num_layers):
-            self.register_buffer(f"keys_{index}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-            self.register_buffer(f"values_{index}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def buffers_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"keys_{index}"), getattr(self, f"values_{index}")
 
     def forward(
         self,
@@ -131,7 +149,7 @@ class _LeanForward(nn.Module):
             query, key = query.transpose(1, 2), key.transpose(1, 2)
             query = query * cos + _rotate_half(query) * sin
             key = key * cos + _rotate_half(key) * sin
-            keys, values = self.buffers_of(index)
+            keys, values = self.kv(index)
             keys.index_copy_(2, slots, key.to(keys.dtype))
             values.index_copy_(2, slots, value.to(values.dtype))
             attended = _attention(query, keys, values, mask, attention.scaling)
@@ -214,7 +232,7 @@ class StaticTargetSession:
         attention = decoder_of(self.model).layers[0].self_attn
         config = self.model.config
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.forward.allocate((batch, kv_heads, capacity, attention.head_dim), self.device, self.dtype)
+        self.forward.resize((batch, kv_heads, capacity, attention.head_dim), self.device, self.dtype)
         self.batch, self.capacity = batch, capacity
 
     # ---- protocol ----------------------------------------------------------------------------------------
@@ -285,12 +303,7 @@ class StaticTargetSession:
 
     def _grow(self, needed: int) -> None:
         """More slots than reserved: copy into larger buffers (a new shape recompiles; ``reserve`` avoids it)."""
-        old = [self.forward.buffers_of(index) for index in range(self.forward.num_layers)]
         old_valid = self.valid
-        self._reserve(self.batch, needed)
-        for index, (keys, values) in enumerate(old):
-            new_keys, new_values = self.forward.buffers_of(index)
-            new_keys[:, :, : keys.shape[2]] = keys
-            new_values[:, :, : values.shape[2]] = values
+        self._reserve(self.batch, needed)  # the buffers keep their contents
         self.valid = torch.zeros(old_valid.shape[0], self.capacity, dtype=torch.bool, device=self.device)
         self.valid[:, : old_valid.shape[1]] = old_valid
