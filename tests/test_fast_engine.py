@@ -175,6 +175,42 @@ def test_static_engine_decodes_exactly_what_the_eager_engine_decodes(random_targ
     assert any(a < n for result in outputs["eager"] for n, a in zip(result.proposed, result.accepted, strict=True))
 
 
+def test_decoders_at_two_temperatures_share_one_compiled_target_session(random_target):
+    """A second decoder verifies on the first one's session (its compiled target steps are reused, none new) and
+    decodes what a decoder with a session of its own decodes."""
+    drafter = make_drafter(random_target, "dspark")
+    greedy = SpeculativeDecoder(random_target, drafter, temperature=0.0, max_new_tokens=12, engine="compiled")
+    first = greedy.generate([GREEDY_PROMPTS[0]]).results[0].token_ids
+    compiled_before = greedy.session.compile_seconds
+    shared = SpeculativeDecoder(
+        random_target, drafter, temperature=1.0, max_new_tokens=12, engine="compiled", session=greedy.session
+    )
+    alone = SpeculativeDecoder(random_target, drafter, temperature=1.0, max_new_tokens=12, engine="compiled")
+    assert shared.session is greedy.session
+    sampled = [d.generate([GREEDY_PROMPTS[1]], torch.Generator().manual_seed(3)).results[0] for d in (shared, alone)]
+    assert sampled[0].token_ids == sampled[1].token_ids and sampled[0].accepted == sampled[1].accepted
+    assert greedy.generate([GREEDY_PROMPTS[0]]).results[0].token_ids == first
+    assert greedy.session.compile_seconds == compiled_before  # every bucket it met was already compiled
+    other_layers = StaticTargetSession(random_target, [0, 1], compile=True)
+    with pytest.raises(ValueError, match="layers"):
+        SpeculativeDecoder(random_target, drafter, temperature=1.0, engine="compiled", session=other_layers)
+    with pytest.raises(ValueError, match="engine 'static'"):
+        SpeculativeDecoder(random_target, drafter, temperature=1.0, engine="static", session=greedy.session)
+
+
+def test_a_compiled_step_meets_new_strides_and_grad_mode_without_failing():
+    """Calls of a seen shape skip guard evaluation; a view with other strides, or grad mode switched on, is a new
+    signature that compiles instead of tripping the no-recompile stance."""
+    step = compiled.CompiledStep(lambda x: x * 2 + 1, enabled=True, name="toy step", device=torch.device("cpu"))
+    base = torch.arange(12.0).reshape(3, 4)
+    with torch.no_grad():
+        assert torch.equal(step(base.contiguous()), base * 2 + 1)
+        assert torch.equal(step(base.t().contiguous().t()), base * 2 + 1)  # same shape, column-major
+        assert torch.equal(step(base), base * 2 + 1)
+    assert torch.equal(step(base), base * 2 + 1)  # grad mode on
+    assert step.compiled and step.error is None
+
+
 @pytest.fixture(scope="module")
 def small():
     return small_target()

@@ -76,11 +76,20 @@ class SpeedupEvaluation(L.Callback):
         options = self._options(pl_module, temperature)
         evaluator = self._evaluators.get(temperature)
         if evaluator is None or evaluator.decoder.drafter is not pl_module.drafter or evaluator.options != options:
-            evaluator = SpeculativeEvaluator(pl_module.load_target(), pl_module.drafter, options)
+            target = pl_module.load_target()
+            evaluator = SpeculativeEvaluator(target, pl_module.drafter, options, self._shared_session(target, options))
             if options.warmup_prompts:
                 evaluator.warmup()
             self._evaluators[temperature] = evaluator
         return evaluator
+
+    def _shared_session(self, target, options: DecodingOptions):
+        """A kept evaluator's static session of the same target and engine (its compiled steps are reused)."""
+        for evaluator in self._evaluators.values():
+            session = evaluator.decoder.session
+            if session is not None and session.model is target.model and evaluator.options.engine == options.engine:
+                return session
+        return None
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

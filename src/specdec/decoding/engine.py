@@ -51,6 +51,16 @@ def static_session_for(
     return StaticTargetSession(target, layer_ids, capacity=capacity, compile=engine == "compiled")
 
 
+def _check_shared_session(session: StaticTargetSession, target: PreTrainedModel, layer_ids, engine: str) -> None:
+    if session.model is not target:
+        raise ValueError("the shared session drives another target model")
+    if list(session.layer_ids) != list(layer_ids):
+        raise ValueError(f"the shared session returns layers {list(session.layer_ids)}, the drafter reads {layer_ids}")
+    if engine == "eager" or session.step.enabled != (engine == "compiled"):
+        compiled = "compiled" if session.step.enabled else "uncompiled"
+        raise ValueError(f"engine {engine!r} cannot verify on a shared {compiled} static session")
+
+
 @dataclass
 class GenerationResult:
     """One request's generated tokens and, per verification round, its draft statistics."""
@@ -99,7 +109,8 @@ class _Clock:
 
 
 def acceptance_test(temperature: float):
-    """The acceptance test of one verified round, as a pure function of tensors (so it compiles per bucket).
+    """The acceptance test of one verified round, as a pure function of tensors (compiled once, at the widest
+    round's bucket: its cost hardly depends on the width, while every extra graph costs seconds to compile).
 
     ``logits`` [A, W, V] are the target's at the anchor and each draft, ``q`` [A, W, V] the drafter's
     distributions, ``drafts`` [A, W - 1] with ``counts`` [A] of them verified, ``u`` [A, W - 1] the acceptance
@@ -160,6 +171,9 @@ class SpeculativeDecoder:
             drafters the static path does not drive (:func:`supports_static_session`; Eagle3 drafts) keep
             their eager half, with a warning.
         capacity: positions per request the static buffers hold before they must grow (prompt + answer).
+        session: a static session of ``target`` to verify on instead of building one (decoders at several
+            temperatures share the target's compiled steps this way); it must return ``drafter``'s layers and
+            be compiled exactly when ``engine='compiled'``.
     """
 
     def __init__(
@@ -174,6 +188,7 @@ class SpeculativeDecoder:
         policy: TruncationPolicy | None = None,
         engine: str = "eager",
         capacity: int = 256,
+        session: StaticTargetSession | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r}: expected one of {ENGINES}")
@@ -181,7 +196,9 @@ class SpeculativeDecoder:
         self.drafter = drafter
         self.engine = engine
         self.layer_ids = list(drafter.config.target_layer_ids)
-        self.session = static_session_for(target, self.layer_ids, engine, capacity)
+        if session is not None:
+            _check_shared_session(session, target, self.layer_ids, engine)
+        self.session = session if session is not None else static_session_for(target, self.layer_ids, engine, capacity)
         self.proposer = proposer_for(drafter)
         if engine != "eager":
             if isinstance(self.proposer, DSparkProposer):
@@ -332,8 +349,8 @@ class SpeculativeDecoder:
         u = uniform(tuple(drafts.shape), device, generator)
         u_next = uniform((len(rows),), device, generator)  # the residual / bonus draw's
         verified = counts[active]
-        if self._acceptance.compiled:  # one graph per bucket: pad to it (padded slots are never verified)
-            padded = round_up_to_bucket(width, self.session.buckets)  # compiled only with a static session
+        if self._acceptance.compiled:  # one graph: pad to the widest round (padded slots are never verified)
+            padded = round_up_to_bucket(self.max_draft_tokens + 1, self.session.buckets)  # only with a session
             if padded != width:
                 grow = padded - width
                 logits, q = F.pad(logits, (0, 0, 0, grow)), F.pad(q, (0, 0, 0, grow))

@@ -18,6 +18,7 @@ from torch import nn
 from specdec.decoding.draft_length import RoundCosts, ThroughputDraftLength, measure_round_costs
 from specdec.decoding.engine import DecodeOutput, SpeculativeDecoder
 from specdec.decoding.options import DecodingOptions
+from specdec.decoding.static_session import StaticTargetSession
 
 
 def stop_tokens_of(target, options: DecodingOptions) -> list[int]:
@@ -49,9 +50,19 @@ class TurnOutputs:
 
 
 class SpeculativeEvaluator:
-    """Decode conversations against ``target`` (a :class:`specdec.targets.Target`) with and without ``drafter``."""
+    """Decode conversations against ``target`` (a :class:`specdec.targets.Target`) with and without ``drafter``.
 
-    def __init__(self, target, drafter: nn.Module, options: DecodingOptions | None = None) -> None:
+    ``session``: another evaluator's static target session to share (same target and layers, same engine), so
+    evaluations at several temperatures compile the target's steps once.
+    """
+
+    def __init__(
+        self,
+        target,
+        drafter: nn.Module,
+        options: DecodingOptions | None = None,
+        session: StaticTargetSession | None = None,
+    ) -> None:
         self.target = target
         self.options = options or DecodingOptions()
         self.stop_token_ids = stop_tokens_of(target, self.options)
@@ -63,6 +74,7 @@ class SpeculativeEvaluator:
             stop_token_ids=self.stop_token_ids,
             max_draft_tokens=self.options.max_draft_tokens,
             engine=self.options.engine,
+            session=session,
         )
         self.device = next(target.model.parameters()).device
         self.costs: RoundCosts | None = None  # measured by warmup() when the draft length is chosen from costs
