@@ -48,16 +48,12 @@ class CompiledStep:
     Attributes:
         compile_seconds: wall-clock time of the first call of every signature (compilation plus one run).
         error: the first line of the compiler error that switched this step to eager, else None.
-        skip_guards: calls of a seen signature evaluate only the guards that tell this function's graphs apart
-            (``skip_guard_eval_unsafe``). Set it False where graphs of the same code compiled with different
-            options share a process (a benchmark comparing lowerings): only full guards tell those apart.
     """
 
     def __init__(self, function: Callable, *, enabled: bool, name: str, device: torch.device) -> None:
         self.function = function
         self.name = name
         self.enabled = enabled
-        self.skip_guards = True
         self.cuda_graphs = enabled and compile_mode(device) == "reduce-overhead"
         self.compile_seconds = 0.0
         self.error: str | None = None
@@ -92,8 +88,6 @@ class CompiledStep:
         key = (_signature(args), torch.is_grad_enabled())  # grad mode is a guard of every graph too
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
-        if key in self._seen and not self.skip_guards:
-            return self._own(self._compiled(*args))
         if key in self._seen:
             # a seen signature: its graph and guards exist, and only the guards that tell this step's graphs
             # apart (the bucket's shapes) need evaluating; full guard evaluation would cost ~0.3 ms per call
