@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from specdec.data.cache_estimate import compare_layouts, estimate_cache_size, format_estimates
-from specdec.data.cache_format import CacheSample
-from specdec.data.cache_writer import TargetCacheWriter, build_cache
-from specdec.data.codecs import CODECS, decode_tensor, encode_tensor, measure_codec_error
-from specdec.data.manifest import CacheFingerprint
+from specdec.data.cache.codecs import CODECS, decode_tensor, encode_tensor, measure_codec_error
+from specdec.data.cache.estimate import compare_layouts, estimate_cache_size, format_estimates
+from specdec.data.cache.format import CacheSample
+from specdec.data.cache.manifest import CacheFingerprint
+from specdec.data.cache.writer import TargetCacheWriter, build_cache
 from specdec.targets import TINY_TARGET, capture_target_features, load_target
 
 RESULTS = Path(__file__).parent / "results" / "cache_bytes.json"

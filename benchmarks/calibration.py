@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from specdec.data.eval_sets import EvalSetsSpec, EvalTask, load_eval_prompts
+from specdec.data.prompts.eval_sets import EvalSetsSpec, EvalTask, load_eval_prompts
 from specdec.decoding import DecodingOptions
-from specdec.decoding.calibration import CalibrationRounds, calibrate, fit_sequential_temperatures
 from specdec.decoding.evaluate import SpeculativeEvaluator, render_chat
-from specdec.metrics.calibration import ConfidenceCalibrationMetrics, plot_reliability
+from specdec.decoding.temperature_scaling import CalibrationRounds, calibrate, fit_sequential_temperatures
+from specdec.metrics.confidence import ConfidenceCalibrationMetrics, plot_reliability
 from specdec.targets import TINY_TARGET, load_target, read_target_head
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from specdec.data.cache_format import CacheSample
-from specdec.data.cache_reader import cache_shard_urls
-from specdec.data.cache_writer import TargetCacheWriter, build_cache
+from specdec.data.cache.format import CacheSample
+from specdec.data.cache.manifest import CacheFingerprint
+from specdec.data.cache.reader import cache_shard_urls
+from specdec.data.cache.writer import TargetCacheWriter, build_cache
 from specdec.data.datamodules import TargetCacheDataModule
-from specdec.data.manifest import CacheFingerprint
 
 RESULTS = Path(__file__).parent / "results" / "datamodule_read.json"
 HIDDEN, LAYER_IDS = 2560, (1, 9, 17, 25, 33)

@@ -28,9 +28,9 @@ import lightning as L
 import torch
 from transformers import AutoModel
 
-from specdec.data.cache_builder import TokenizeOptions, build_target_cache
+from specdec.data.cache.builder import TokenizeOptions, build_target_cache
 from specdec.data.datamodules import TargetCacheDataModule
-from specdec.data.sources import iter_training_conversations
+from specdec.data.prompts.sources import iter_training_conversations
 from specdec.decoding import DecodingOptions, autoregressive_generate
 from specdec.decoding.evaluate import SpeculativeEvaluator, render_chat, stop_tokens_of
 from specdec.lightning import DSparkModule

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 
 from specdec.data.batches import collate_target_samples
-from specdec.data.cache_reader import iter_cache_samples
+from specdec.data.cache.reader import iter_cache_samples
 from specdec.data.resumable import EpochBatches, ResumableDataLoader
 
 

@@ -16,18 +16,16 @@ import pytest
 import torch
 import webdataset as wds
 
-from specdec.data.cache_estimate import (
+from specdec.data.cache.codecs import HEADER_BYTES
+from specdec.data.cache.estimate import (
     compare_layouts,
     deepspec_bytes_per_token,
     estimate_cache_size,
     estimate_deepspec_cache_size,
     format_estimates,
 )
-from specdec.data.cache_format import CacheSample, CacheSampleError, decode_sample, encode_sample, tar_key
-from specdec.data.cache_reader import cache_shard_urls, iter_cache_samples
-from specdec.data.cache_writer import TargetCacheWriter, build_cache, finalize_cache, progress_path
-from specdec.data.codecs import HEADER_BYTES
-from specdec.data.manifest import (
+from specdec.data.cache.format import CacheSample, CacheSampleError, decode_sample, encode_sample, tar_key
+from specdec.data.cache.manifest import (
     MANIFEST_NAME,
     CacheFingerprint,
     CacheMismatchError,
@@ -38,6 +36,8 @@ from specdec.data.manifest import (
     validate_manifest,
     verify_shard,
 )
+from specdec.data.cache.reader import cache_shard_urls, iter_cache_samples
+from specdec.data.cache.writer import TargetCacheWriter, build_cache, finalize_cache, progress_path
 from specdec.targets import TINY_TARGET, load_target
 
 ROOT = Path(__file__).resolve().parents[1]

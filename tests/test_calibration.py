@@ -18,20 +18,21 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from specdec.callbacks.calibration import ConfidenceCalibration
-from specdec.data.cache_builder import TokenizeOptions, build_target_cache
+from specdec.callbacks import DrafterCheckpoint
+from specdec.callbacks.confidence_calibration import ConfidenceCalibration
+from specdec.data.cache.builder import TokenizeOptions, build_target_cache
 from specdec.data.datamodules import TargetCacheDataModule
-from specdec.data.sources import iter_training_conversations
+from specdec.data.prompts.sources import iter_training_conversations
 from specdec.decoding import DecodingOptions, GenerationResult, SpeculativeDecoder
-from specdec.decoding.calibration import (
+from specdec.decoding.temperature_scaling import (
     CalibrationRounds,
     calibrate,
     fit_sequential_temperatures,
     set_confidence_temperatures,
 )
 from specdec.drafters import DSparkDrafter
-from specdec.lightning import DrafterCheckpoint, DSparkModule
-from specdec.metrics.calibration import ConfidenceCalibrationMetrics, histogram_auroc, plot_reliability
+from specdec.lightning import DSparkModule
+from specdec.metrics.confidence import ConfidenceCalibrationMetrics, histogram_auroc, plot_reliability
 from specdec.targets import TINY_TARGET, load_target
 from tests.test_datamodules import write_conversations
 from tests.test_decoding import make_drafter, small_target
@@ -251,7 +252,7 @@ def test_callback_fits_sts_at_the_end_of_a_real_fit(tmp_path):
 
 
 def test_callback_fits_sts_before_specdec_test(tmp_path):
-    from specdec.data.eval_sets import EvalSetsSpec, EvalTask, write_eval_set
+    from specdec.data.prompts.eval_sets import EvalSetsSpec, EvalTask, write_eval_set
     from tests.test_decoding_eval import TinyDrafterModule
 
     write_eval_set(tmp_path / "sums.jsonl", [{"turns": ["Write a function that adds two numbers."]}])

@@ -9,9 +9,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from specdec.callbacks import AcceptanceSimulation, SpeedupEvaluation
 from specdec.callbacks.acceptance import simulated_acceptance
-from specdec.data.cache_builder import TokenizeOptions, build_target_cache
+from specdec.data.cache.builder import TokenizeOptions, build_target_cache
 from specdec.data.datamodules import TargetCacheDataModule
-from specdec.data.sources import iter_training_conversations
+from specdec.data.prompts.sources import iter_training_conversations
 from specdec.decoding import DecodingOptions
 from specdec.lightning import DSparkModule
 from specdec.targets import TINY_TARGET, load_target

@@ -24,7 +24,7 @@ from specdec.data import (
     tokenize_conversation,
     tokenize_conversations,
 )
-from specdec.data.chat import loss_mask_from_offsets
+from specdec.data.prompts.chat import loss_mask_from_offsets
 from specdec.targets import TINY_TARGET_PATH
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from specdec.data.codecs import (
+from specdec.data.cache.codecs import (
     CODECS,
     FP8_MAX,
     HEADER_BYTES,

@@ -11,8 +11,9 @@ import torch
 import yaml
 from transformers import Gemma4TextConfig
 
+from specdec.callbacks import GlobalBatchSize
 from specdec.cli import main
-from specdec.lightning import DrafterModule, GlobalBatchSize
+from specdec.lightning import DrafterModule
 from specdec.lightning.cli import SpecdecCLI
 
 CONFIGS = Path(__file__).parents[1] / "configs"

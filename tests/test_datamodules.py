@@ -17,14 +17,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from specdec.data.cache_builder import TokenizeOptions, build_target_cache, target_features
-from specdec.data.cache_reader import iter_cache_samples
-from specdec.data.cache_stream import TargetCacheStream, shuffle_buffer
-from specdec.data.cache_writer import progress_path
+from specdec.data.cache.builder import TokenizeOptions, build_target_cache, target_features
+from specdec.data.cache.manifest import CacheMismatchError, ShardIntegrityError, read_manifest
+from specdec.data.cache.reader import iter_cache_samples
+from specdec.data.cache.stream import TargetCacheStream, shuffle_buffer
+from specdec.data.cache.writer import progress_path
 from specdec.data.datamodules import OnlineTargetDataModule, TargetCacheDataModule, check_drafter_match
-from specdec.data.manifest import CacheMismatchError, ShardIntegrityError, read_manifest
+from specdec.data.prompts.sources import iter_training_conversations
 from specdec.data.resumable import ResumableDataLoader
-from specdec.data.sources import iter_training_conversations
 from specdec.drafters import DSparkConfig
 from specdec.targets import TINY_TARGET, load_target
 
@@ -83,7 +83,7 @@ def cache_dir(tiny, conversations_file, tmp_path_factory):
 
 
 def stream(cache_dir, batch_size=3, **options) -> TargetCacheStream:
-    from specdec.data.cache_reader import cache_shard_urls
+    from specdec.data.cache.reader import cache_shard_urls
 
     return TargetCacheStream(
         cache_shard_urls(cache_dir), read_manifest(cache_dir / "manifest.json"), batch_size, **options
@@ -356,7 +356,7 @@ def test_cache_build_killed_by_sigkill_then_rerun_equals_an_uninterrupted_build(
 
 def test_prepare_data_answers_prompts_and_builds_the_missing_cache_once(tmp_path):
     from specdec.data.datamodules import CacheBuildSpec
-    from specdec.data.regenerate import SamplingParams
+    from specdec.data.regeneration.regenerate import SamplingParams
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"turns": [f"Write a function that adds {i}."]}) + "\n" for i in range(6)))
@@ -389,7 +389,7 @@ def test_cache_is_streamed_through_a_pipe_url(cache_dir):
 
 
 def test_ranks_build_disjoint_shards_that_merge_into_one_cache(tiny, conversations_file, tmp_path):
-    from specdec.data.cache_writer import finalize_cache
+    from specdec.data.cache.writer import finalize_cache
 
     conversations = list(iter_training_conversations(conversations_file))
     for rank in (1, 0):  # any order: the manifest is written once both ranks are complete

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from specdec.data.datamodules import TargetCacheDataModule
-from specdec.data.eval_sets import EvalSetsSpec, EvalTask, write_eval_set
+from specdec.data.prompts.eval_sets import EvalSetsSpec, EvalTask, write_eval_set
 from specdec.decoding import DecodingOptions
 from specdec.drafters import DSparkConfig, DSparkDrafter
 from specdec.lightning.speculative_test import SpeculativeTestMixin

@@ -42,9 +42,9 @@ def fit_config(directory: Path, cache_dir: Path, max_steps: int) -> Path:
                 "init_args": {"save_dir": str(directory), "name": "logs", "version": 0},
             },
             "callbacks": [
-                {"class_path": "specdec.lightning.GlobalBatchSize", "init_args": {"global_batch_size": 4}},
+                {"class_path": "specdec.callbacks.GlobalBatchSize", "init_args": {"global_batch_size": 4}},
                 {
-                    "class_path": "specdec.lightning.DrafterCheckpoint",
+                    "class_path": "specdec.callbacks.DrafterCheckpoint",
                     "init_args": {
                         "dirpath": str(directory / "checkpoints"),
                         "filename": "{step}",

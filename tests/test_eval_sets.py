@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from specdec.data.datamodules import OnlineTargetDataModule, TargetCacheDataModule
-from specdec.data.eval_sets import (
+from specdec.data.prompts.eval_sets import (
     EvalSetsSpec,
     EvalTask,
     convert_rows,

@@ -10,14 +10,14 @@ import pytest
 import torch
 import webdataset as wds
 
-from specdec.data.cache_builder import TokenizeOptions, build_target_cache
-from specdec.data.cache_reader import cache_shard_urls
+from specdec.data.cache.builder import TokenizeOptions, build_target_cache
+from specdec.data.cache.reader import cache_shard_urls
 from specdec.data.datamodules import TargetCacheDataModule
-from specdec.data.openai_client import OpenAIChatBackend
-from specdec.data.prompts import iter_conversations
-from specdec.data.regenerate import SamplingParams, regenerate
-from specdec.data.serve import serve_in_background
-from specdec.data.sources import iter_training_conversations
+from specdec.data.prompts.importing import iter_conversations
+from specdec.data.prompts.sources import iter_training_conversations
+from specdec.data.regeneration.openai_client import OpenAIChatBackend
+from specdec.data.regeneration.regenerate import SamplingParams, regenerate
+from specdec.data.regeneration.serve import serve_in_background
 from specdec.targets import TINY_TARGET, load_target
 
 EVAL_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "eval_datasets"

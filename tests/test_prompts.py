@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specdec.data import InvalidConversation, Message, iter_conversations, read_conversations, validate_messages
-from specdec.data.conversations import content_hash
-from specdec.data.prompts import ImportSummary, conversation_from_record
+from specdec.data.prompts.conversations import content_hash
+from specdec.data.prompts.importing import ImportSummary, conversation_from_record
 
 EVAL_DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "eval_datasets"
 needs_eval_datasets = pytest.mark.skipif(

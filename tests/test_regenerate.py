@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse
 
 from specdec.cli import main
 from specdec.data import InvalidConversation, read_conversations
-from specdec.data.openai_client import OpenAIChatBackend, RetryPolicy, ServerSpec
-from specdec.data.regenerate import (
+from specdec.data.regeneration.openai_client import OpenAIChatBackend, RetryPolicy, ServerSpec
+from specdec.data.regeneration.regenerate import (
     LocalGenerateBackend,
     RegenerationOutput,
     SamplingParams,
@@ -24,7 +24,7 @@ from specdec.data.regenerate import (
     regenerate,
     render_prompt,
 )
-from specdec.data.serve import serve_app_in_background, serve_in_background
+from specdec.data.regeneration.serve import serve_app_in_background, serve_in_background
 from specdec.targets import TINY_TARGET, load_target
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)

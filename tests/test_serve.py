@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from specdec.data import serve
+from specdec.data.regeneration import serve
 from specdec.targets import TINY_TARGET, load_target
 
 PROMPT = [{"role": "user", "content": "Write a function that reverses a string."}]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from specdec.data.cache_builder import TokenizeOptions, build_target_cache
+from specdec.data.cache.builder import TokenizeOptions, build_target_cache
 from specdec.data.datamodules import TargetCacheDataModule
-from specdec.data.sources import iter_training_conversations
+from specdec.data.prompts.sources import iter_training_conversations
 from specdec.lightning import (
     DFlashModule,
     DrafterCheckpoint,
@@ -21,7 +21,7 @@ from specdec.lightning import (
     drafter_directory_of,
     warmup_cosine,
 )
-from specdec.lightning.checkpoint import PROVENANCE_FILE
+from specdec.lightning.drafter_directory import PROVENANCE_FILE
 from specdec.targets import TINY_TARGET, load_target
 from tests.test_datamodules import write_conversations
 

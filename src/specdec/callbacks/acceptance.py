@@ -18,8 +18,8 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from specdec.decoding.sampling import GREEDY_TEMPERATURE
-from specdec.lightning.metrics import RatioMetric
+from specdec.metrics.ratio import RatioMetric
+from specdec.sampling import GREEDY_TEMPERATURE
 
 
 def _positions_of(drafter, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from specdec.data.eval_sets import EvalSetsSpec, load_eval_prompts
+from specdec.data.prompts.eval_sets import EvalSetsSpec, load_eval_prompts
 from specdec.decoding.options import DecodingOptions
 
 

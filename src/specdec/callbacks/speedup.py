@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from specdec.callbacks.decoding_inputs import callback_conversations, callback_decoding_options
-from specdec.data.eval_sets import EvalSetsSpec
+from specdec.data.prompts.eval_sets import EvalSetsSpec
 from specdec.decoding.evaluate import SpeculativeEvaluator
 from specdec.decoding.options import DecodingOptions
 from specdec.metrics import AcceptanceMetrics, SpeedMetrics

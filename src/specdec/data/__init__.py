@@ -1,6 +1,7 @@
 """Data: prompt import, chat templates and loss masks, target caches and the DataModules that stream them."""
 
-from specdec.data.chat import (
+from specdec.data.datamodules import CacheBuildSpec, OnlineTargetDataModule, TargetCacheDataModule
+from specdec.data.prompts.chat import (
     AssistantTurn,
     ChatTemplateError,
     RenderedConversation,
@@ -10,9 +11,8 @@ from specdec.data.chat import (
     tokenize_conversation,
     tokenize_conversations,
 )
-from specdec.data.conversations import Conversation, InvalidConversation, Message, Provenance, validate_messages
-from specdec.data.datamodules import CacheBuildSpec, OnlineTargetDataModule, TargetCacheDataModule
-from specdec.data.prompts import ImportSummary, Rejection, iter_conversations, read_conversations
+from specdec.data.prompts.conversations import Conversation, InvalidConversation, Message, Provenance, validate_messages
+from specdec.data.prompts.importing import ImportSummary, Rejection, iter_conversations, read_conversations
 
 __all__ = [
     "AssistantTurn",

@@ -16,17 +16,17 @@ from typing import Any
 import lightning as L
 import torch
 
-from specdec.data.cache_builder import TokenizeOptions, build_target_cache
-from specdec.data.cache_reader import cache_shard_urls
-from specdec.data.cache_stream import TargetCacheStream
-from specdec.data.chat import TokenizeSummary, tokenize_conversations
-from specdec.data.eval_sets import EvalSetsSpec, eval_dataloader
-from specdec.data.manifest import MANIFEST_NAME, CacheMismatchError, read_manifest
+from specdec.data.cache.builder import TokenizeOptions, build_target_cache
+from specdec.data.cache.manifest import MANIFEST_NAME, CacheMismatchError, read_manifest
+from specdec.data.cache.reader import cache_shard_urls
+from specdec.data.cache.stream import TargetCacheStream
 from specdec.data.online import ConversationBatches, OnlineTargetFeatures
-from specdec.data.prompts import iter_conversations
-from specdec.data.regenerate import SamplingParams
+from specdec.data.prompts.chat import TokenizeSummary, tokenize_conversations
+from specdec.data.prompts.eval_sets import EvalSetsSpec, eval_dataloader
+from specdec.data.prompts.importing import iter_conversations
+from specdec.data.prompts.sources import iter_training_conversations
+from specdec.data.regeneration.turns import SamplingParams
 from specdec.data.resumable import ResumableDataLoader
-from specdec.data.sources import iter_training_conversations
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -183,7 +183,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         target = load_target(spec.target, device=spec.device)
         data = spec.data
         if spec.answers is not None:
-            from specdec.data.regenerate import LocalGenerateBackend, regenerate
+            from specdec.data.regeneration.regenerate import LocalGenerateBackend, regenerate
 
             backend = LocalGenerateBackend(target, batch_size=spec.answer_batch_size)
             prompts = list(iter_conversations(spec.data))

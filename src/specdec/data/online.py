@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from specdec.data.batches import FEATURE_FIELDS, collate_target_samples
-from specdec.data.cache_builder import target_features
-from specdec.data.cache_stream import seeded_random
+from specdec.data.cache.builder import target_features
+from specdec.data.cache.stream import seeded_random
 from specdec.data.resumable import EpochBatches
 from specdec.targets import Target, validate_layer_ids
 

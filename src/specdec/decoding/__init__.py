@@ -1,10 +1,15 @@
 """Speculative decoding: the fp32 sampling path, proposals of each drafter, verification and its baseline."""
 
-from specdec.decoding.calibration import CalibrationRounds, calibrate, fit_sequential_temperatures
 from specdec.decoding.engine import DecodeOutput, GenerationResult, SpeculativeDecoder, autoregressive_generate
 from specdec.decoding.options import DecodingOptions
 from specdec.decoding.proposers import DraftRequest, DSparkProposer, Eagle3Proposer, Proposal, proposer_for
-from specdec.decoding.sampling import (
+from specdec.decoding.scheduler import DynamicTopK, PrefixScheduler, StepsPerSecond, profile_verification
+from specdec.decoding.simulator import RecordedRound, RoundRecorder, simulate
+from specdec.decoding.target_session import TargetSession, TargetStep
+from specdec.decoding.temperature_scaling import CalibrationRounds, calibrate, fit_sequential_temperatures
+from specdec.decoding.tree import TreeShape, TreeSpeculativeDecoder, verify_tree
+from specdec.decoding.truncation import DynamicThreshold, FixedLength, StaticThreshold, TruncationPolicy, survival
+from specdec.sampling import (
     GREEDY_TEMPERATURE,
     accept_draft,
     draw,
@@ -12,11 +17,6 @@ from specdec.decoding.sampling import (
     token_probabilities,
     uniform,
 )
-from specdec.decoding.scheduler import DynamicTopK, PrefixScheduler, StepsPerSecond, profile_verification
-from specdec.decoding.simulator import RecordedRound, RoundRecorder, simulate
-from specdec.decoding.target_session import TargetSession, TargetStep
-from specdec.decoding.tree import TreeShape, TreeSpeculativeDecoder, verify_tree
-from specdec.decoding.truncation import DynamicThreshold, FixedLength, StaticThreshold, TruncationPolicy, survival
 
 __all__ = [
     "GREEDY_TEMPERATURE",

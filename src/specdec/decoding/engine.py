@@ -4,7 +4,7 @@ Each round the drafter proposes ``n`` tokens after the last committed one (the a
 anchor and all drafts in one forward; drafts are accepted left to right while ``u · q(d) < p(d)``; at the first
 rejection a token is drawn from ``norm(max(p - q, 0))``, and when all drafts pass a bonus token is drawn from the
 target's next distribution. The committed tokens are then distributed exactly as the target's own samples. p
-and q both come from :func:`specdec.decoding.sampling.token_probabilities` (fp32), which is also what drew the
+and q both come from :func:`specdec.sampling.token_probabilities` (fp32), which is also what drew the
 drafts, and what :func:`autoregressive_generate` samples from.
 """
 
@@ -22,11 +22,11 @@ from transformers import PreTrainedModel
 
 from specdec.decoding.compiled import CompiledStep
 from specdec.decoding.proposers import DraftRequest, DSparkProposer, Proposal, proposer_for
-from specdec.decoding.sampling import accept_draft, draw, residual_distribution, token_probabilities, uniform
 from specdec.decoding.static_proposer import StaticDSparkProposer
 from specdec.decoding.static_session import StaticTargetSession, round_up_to_bucket, supports_static_session
 from specdec.decoding.target_session import TargetSession
 from specdec.decoding.truncation import FixedLength, TruncationPolicy, truncate
+from specdec.sampling import accept_draft, draw, residual_distribution, token_probabilities, uniform
 
 ENGINES = ("eager", "static", "compiled")
 _warned: set[str] = set()

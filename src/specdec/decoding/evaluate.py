@@ -25,14 +25,14 @@ def stop_tokens_of(target, options: DecodingOptions) -> list[int]:
     """The options' stop tokens, else the target's generation-config eos ids and its tokenizer's eos."""
     if options.stop_token_ids is not None:
         return list(options.stop_token_ids)
-    from specdec.data.regenerate import stop_token_ids
+    from specdec.data.regeneration.regenerate import stop_token_ids
 
     return stop_token_ids(target)
 
 
 def render_chat(target, messages: Sequence[dict[str, str]], options: DecodingOptions) -> list[int]:
     """Token ids of the prompt the chat template writes before the next assistant answer."""
-    from specdec.data.regenerate import render_prompt
+    from specdec.data.regeneration.regenerate import render_prompt
 
     if options.system_prompt:
         messages = [{"role": "system", "content": options.system_prompt}, *messages]

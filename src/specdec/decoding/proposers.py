@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from specdec.decoding.sampling import draw, token_probabilities
+from specdec.sampling import draw, token_probabilities
 
 if TYPE_CHECKING:  # the drafters import the sampling path of this package, so no import cycle at run time
     from specdec.drafters import DraftContextCache, DSparkDrafter, Eagle3Drafter

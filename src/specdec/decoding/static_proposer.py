@@ -8,7 +8,7 @@ context keys and values live in buffers of fixed capacity, and a round is a sing
    most a round can commit) at their slots;
 2. run the block ``[anchor, mask, …]`` over the whole buffer under a validity mask;
 3. sample the block through the Markov head, with its uniforms drawn beforehand from the request's
-   generator (:func:`specdec.decoding.sampling.draw`), so no generator enters the graph.
+   generator (:func:`specdec.sampling.draw`), so no generator enters the graph.
 
 Its shapes never change within an evaluation, so it compiles once. The prompt's features (the first round's
 long pending chunk) are injected eagerly before the first round.
@@ -24,8 +24,8 @@ from torch import nn
 
 from specdec.decoding.compiled import CompiledStep
 from specdec.decoding.proposers import DraftRequest, Proposal
-from specdec.decoding.sampling import uniform
 from specdec.decoding.static_session import LayerKVBuffers, buffer_capacity
+from specdec.sampling import uniform
 
 
 @dataclass

@@ -30,8 +30,8 @@ from transformers import PreTrainedModel
 
 from specdec.decoding.engine import DecodeOutput, GenerationResult
 from specdec.decoding.proposers import Eagle3State
-from specdec.decoding.sampling import accept_draft, draw, residual_distribution, token_probabilities, uniform
 from specdec.decoding.target_session import TargetSession, TargetStep
+from specdec.sampling import accept_draft, draw, residual_distribution, token_probabilities, uniform
 
 
 # ---- tree shapes ---------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from transformers import PreTrainedModel
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from specdec.decoding.sampling import draw, token_probabilities, uniform
 from specdec.drafters.anchors import TrainingBlocks, build_training_blocks
 from specdec.drafters.attention import (
     KVInjectionAttention,
@@ -26,6 +25,7 @@ from specdec.drafters.attention import (
 from specdec.drafters.config import DSparkConfig
 from specdec.drafters.markov import ConfidenceHead, build_markov_head
 from specdec.drafters.target_head import FrozenTargetHead
+from specdec.sampling import draw, token_probabilities, uniform
 from specdec.targets.weights import TargetHead
 
 
@@ -269,7 +269,7 @@ class DSparkDrafter(DSparkPreTrainedModel):
     ) -> DraftBlock:
         """Draft the block's tokens slot by slot; each slot's logits are corrected by the token just drafted.
 
-        ``uniforms`` [B, P] (see :func:`specdec.decoding.sampling.draw`) make the block a pure function of its
+        ``uniforms`` [B, P] (see :func:`specdec.sampling.draw`) make the block a pure function of its
         inputs, which is how a compiled draft step samples; without them they are drawn from ``generator``.
         """
         base_logits = self.target_head.logits(hidden)

@@ -34,7 +34,7 @@ class Provenance:
     @classmethod
     def from_target(cls, target: str, revision: str | None = None, **fields: Any) -> Provenance:
         """Fill the tokenizer and chat-template hashes from the target's tokenizer, when one can be loaded."""
-        from specdec.data.manifest import chat_template_hash, tokenizer_hash
+        from specdec.data.cache.manifest import chat_template_hash, tokenizer_hash
         from specdec.targets import resolve_target
 
         hashes: dict[str, Any] = {}

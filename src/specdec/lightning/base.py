@@ -20,9 +20,9 @@ import torch.distributed as dist
 from transformers import PretrainedConfig, PreTrainedModel
 
 from specdec.decoding.options import DecodingOptions
-from specdec.lightning.metrics import RatioMetric
 from specdec.lightning.schedule import warmup_cosine_scheduler
 from specdec.lightning.speculative_test import SpeculativeTestMixin
+from specdec.metrics.ratio import RatioMetric
 from specdec.targets import read_target_head
 from specdec.targets.known import target_config
 
@@ -248,7 +248,7 @@ class DrafterModule(SpeculativeTestMixin, L.LightningModule):
 
     def save_drafter(self, directory: str, **provenance: Any) -> None:
         """Write the drafter as an HF directory (config.json + safetensors), without the frozen target tensors."""
-        from specdec.lightning.checkpoint import save_drafter_directory
+        from specdec.lightning.drafter_directory import save_drafter_directory
 
         save_drafter_directory(self, directory, trainer=self._trainer, **provenance)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from specdec.data.eval_sets import EvalPrompt, deepspec_tasks, metric_groups
+from specdec.data.prompts.eval_sets import EvalPrompt, deepspec_tasks, metric_groups
 from specdec.decoding.evaluate import SpeculativeEvaluator
 from specdec.decoding.options import DecodingOptions
 from specdec.metrics import ALL, GroupedDecodingMetrics

@@ -5,7 +5,7 @@ read as one global sample stream. Rank ``r`` takes the contiguous range ``[r·n,
 ``n = total // world_size`` (the remainder — fewer than ``world_size`` samples — is left out this epoch), so a
 rank opens only the shards its range touches. The range is cut into per-worker blocks of whole batches; each
 worker streams its block through a seeded shuffle buffer, decodes only the samples it yields, and pads them
-into batches. Shard integrity is checked as in :mod:`specdec.data.cache_reader`: CRC of every file, shapes
+into batches. Shard integrity is checked as in :mod:`specdec.data.cache.reader`: CRC of every file, shapes
 against the manifest, and the sample count and key list of every shard read to its end.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from specdec.data.batches import collate_target_samples
-from specdec.data.cache_reader import decode_shard_sample, iter_shard_files, open_shard
-from specdec.data.manifest import ShardIntegrityError, keys_digest
+from specdec.data.cache.manifest import ShardIntegrityError, keys_digest
+from specdec.data.cache.reader import decode_shard_sample, iter_shard_files, open_shard
 from specdec.data.resumable import EpochBatches, worker_batch_counts
 
 

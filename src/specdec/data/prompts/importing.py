@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specdec.data.conversations import (
+from specdec.data.prompts.conversations import (
     EMPTY_CONVERSATION,
     MALFORMED_JSON,
     UNKNOWN_ROLE,

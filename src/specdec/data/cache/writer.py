@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
-from specdec.data.cache_format import CacheSample, encode_sample, tar_member_bytes
-from specdec.data.codecs import CodecSpec
-from specdec.data.manifest import (
+from specdec.data.cache.codecs import CodecSpec
+from specdec.data.cache.format import CacheSample, encode_sample, tar_member_bytes
+from specdec.data.cache.manifest import (
     MANIFEST_NAME,
     CacheFingerprint,
     CacheMismatchError,

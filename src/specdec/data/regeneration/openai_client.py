@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from specdec.data.conversations import Conversation
-from specdec.data.regenerate import Completion, Failed, Outcome, SamplingParams, TurnWalk
+from specdec.data.prompts.conversations import Conversation
+from specdec.data.regeneration.turns import Completion, Failed, Outcome, SamplingParams, TurnWalk
 
 RETRYABLE_STATUS = frozenset({408, 429})  # and every 5xx
 

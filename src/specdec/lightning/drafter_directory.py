@@ -1,4 +1,4 @@
-"""Checkpoints that also leave a servable drafter: an HF directory next to every Lightning checkpoint.
+"""The servable drafter directory written next to every Lightning checkpoint (and by ``save_drafter``).
 
 The Lightning ``.ckpt`` holds what resuming needs (weights, optimizer, schedule, data position); the directory
 beside it holds only the drafter (``config.json`` + safetensors, no frozen target tensors) plus a provenance
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 PROVENANCE_FILE = "specdec_provenance.json"
 DRAFTER_SUFFIX = ".drafter"
@@ -65,23 +63,3 @@ def save_drafter_directory(
     record = {**provenance_of(module, trainer), **extra}
     (directory / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return directory
-
-
-class DrafterCheckpoint(ModelCheckpoint):
-    """:class:`ModelCheckpoint` that writes the HF drafter directory next to each ``.ckpt`` and prunes it with it."""
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        state = trainer.strategy.lightning_module_state_dict()  # gathers sharded weights (collective)
-        if trainer.is_global_zero:
-            target = drafter_directory_of(filepath)
-            if target.exists():
-                shutil.rmtree(target)
-            save_drafter_directory(trainer.lightning_module, target, state_dict=state, trainer=trainer)
-        trainer.strategy.barrier("drafter_checkpoint")
-
-    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._remove_checkpoint(trainer, filepath)
-        directory = drafter_directory_of(filepath)
-        if trainer.is_global_zero and directory.is_dir():
-            shutil.rmtree(directory)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jinja2 import TemplateError
 
-from specdec.data.conversations import Conversation, InvalidConversation, Message, validate_messages
+from specdec.data.prompts.conversations import Conversation, InvalidConversation, Message, validate_messages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from specdec.data.regenerate import SamplingParams, context_length, generate_completions, render_prompt
+from specdec.data.regeneration.regenerate import SamplingParams, context_length, generate_completions, render_prompt
 from specdec.targets import TINY_TARGET
 
 if TYPE_CHECKING:

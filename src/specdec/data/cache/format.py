@@ -5,7 +5,7 @@ One sample per conversation, all files sharing the tar key (a sanitised form of 
 - ``<key>.input_ids.npy`` — int32 ``[S]``
 - ``<key>.loss_mask.npy`` — uint8 ``[S]`` (1 where the drafter is trained)
 - ``<key>.features.<codec>`` — the captured layer outputs ``[S, L·H]`` (layers concatenated per token), encoded
-  by :mod:`specdec.data.codecs`; fp8 keeps one scale per token per layer
+  by :mod:`specdec.data.cache.codecs`; fp8 keeps one scale per token per layer
 - ``<key>.last_hidden.<codec>`` — the final-normed last hidden state ``[T, H]`` at the ``T`` supervised positions
   only, in position order: the only rows training reads
 - ``<key>.meta.json`` — provenance key and source, lengths, codec, layer ids, hidden size and the CRC-32 of
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from specdec.data.codecs import CodecError, CodecSpec, decode_tensor, encode_tensor, read_header
-from specdec.data.manifest import TargetCacheError
+from specdec.data.cache.codecs import CodecError, CodecSpec, decode_tensor, encode_tensor, read_header
+from specdec.data.cache.manifest import TargetCacheError
 
 SAMPLE_FORMAT = "specdec-target-cache-sample"
 SAMPLE_VERSION = 1

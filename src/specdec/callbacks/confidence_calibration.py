@@ -8,7 +8,7 @@ measures ECE / AUROC / Brier before and after, so the logged improvement is a he
 
 The temperatures go into ``drafter.config.confidence_temperatures``: every later proposal uses them, every
 drafter directory written afterwards carries them, and at the end of fit the ``config.json`` of the latest
-:class:`~specdec.lightning.DrafterCheckpoint` drafter directories is rewritten to include them (the ``.ckpt``
+:class:`~specdec.callbacks.DrafterCheckpoint` drafter directories is rewritten to include them (the ``.ckpt``
 files keep the uncalibrated config; ``specdec test`` refits in its own run).
 """
 
@@ -22,11 +22,16 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
 from specdec.callbacks.decoding_inputs import callback_conversations, callback_decoding_options
-from specdec.data.eval_sets import EvalSetsSpec
-from specdec.decoding.calibration import CalibrationReport, CalibrationRounds, calibrate, set_confidence_temperatures
+from specdec.data.prompts.eval_sets import EvalSetsSpec
 from specdec.decoding.evaluate import SpeculativeEvaluator
 from specdec.decoding.options import DecodingOptions
-from specdec.metrics.calibration import log_reliability_wandb, plot_reliability
+from specdec.decoding.temperature_scaling import (
+    CalibrationReport,
+    CalibrationRounds,
+    calibrate,
+    set_confidence_temperatures,
+)
+from specdec.metrics.confidence import log_reliability_wandb, plot_reliability
 
 DEFAULT_PROMPTS = (
     "Write a Python function `chunk_list(items, size)` that splits a list into chunks of a given size.",
@@ -154,7 +159,8 @@ class ConfidenceCalibration(L.Callback):
 
     def _refresh_drafter_directories(self, trainer: L.Trainer, pl_module) -> None:
         """Rewrite config.json of the latest checkpoint drafter directories so they carry the temperatures."""
-        from specdec.lightning.checkpoint import DrafterCheckpoint, drafter_directory_of
+        from specdec.callbacks.checkpoint import DrafterCheckpoint
+        from specdec.lightning.drafter_directory import drafter_directory_of
 
         if not trainer.is_global_zero:
             return

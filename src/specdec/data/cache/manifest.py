@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from specdec.data.codecs import CodecSpec
+from specdec.data.cache.codecs import CodecSpec
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "specdec-target-cache"

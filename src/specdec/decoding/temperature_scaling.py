@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.metrics.calibration import (
+from specdec.metrics.confidence import (
     ECE_BINS,
     PROBABILITY_EPS,
     ConfidenceCalibrationMetrics,
@@ -98,7 +98,7 @@ class CalibrationRounds:
         return torch.sigmoid(self.logits / scale).cumprod(dim=-1)
 
     def metrics(self, temperatures: Sequence[float] | None = None) -> ConfidenceCalibrationMetrics:
-        """ECE / AUROC / Brier of these rounds under ``temperatures`` (see :mod:`specdec.metrics.calibration`)."""
+        """ECE / AUROC / Brier of these rounds under ``temperatures`` (see :mod:`specdec.metrics.confidence`)."""
         metric = ConfidenceCalibrationMetrics(self.max_drafts)
         valid = torch.arange(self.max_drafts)[None] < self.lengths[:, None]
         positions = torch.arange(self.max_drafts).expand_as(valid)

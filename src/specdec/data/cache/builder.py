@@ -21,12 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from specdec.data.cache_format import CacheSample
-from specdec.data.cache_writer import BuildReport, TargetCacheWriter, build_cache
-from specdec.data.chat import TokenizeSummary, tokenize_conversations
-from specdec.data.codecs import CodecSpec
-from specdec.data.conversations import Conversation
-from specdec.data.manifest import CacheFingerprint
+from specdec.data.cache.codecs import CodecSpec
+from specdec.data.cache.format import CacheSample
+from specdec.data.cache.manifest import CacheFingerprint
+from specdec.data.cache.writer import BuildReport, TargetCacheWriter, build_cache
+from specdec.data.prompts.chat import TokenizeSummary, tokenize_conversations
+from specdec.data.prompts.conversations import Conversation
 from specdec.targets import Target, capture_target_features
 
 
@@ -166,7 +166,7 @@ def build_target_cache(
     if finalize:
         _barrier(world_size)
         if rank == 0:
-            from specdec.data.cache_writer import finalize_cache
+            from specdec.data.cache.writer import finalize_cache
 
             manifest = finalize_cache(output_dir, world_size=world_size)
         _barrier(world_size)

@@ -18,8 +18,8 @@ from typing import Any, BinaryIO
 import torch
 from webdataset import gopen
 
-from specdec.data.cache_format import CacheSampleError, decode_sample, tar_key
-from specdec.data.manifest import (
+from specdec.data.cache.format import CacheSampleError, decode_sample, tar_key
+from specdec.data.cache.manifest import (
     MANIFEST_NAME,
     ShardIntegrityError,
     keys_digest,

@@ -3,7 +3,7 @@
 DeepSpec stores per token an int32 id, an all-ones uint8 attention mask, a uint8 loss mask, the bf16 layer
 features (L·H values) and the bf16 final-normed last hidden state (H values) at every position — 30,726 B/token
 for Qwen3-4B (H = 2560, L = 5) — plus a 56-byte index record per sample. specdec's layout
-(:mod:`specdec.data.cache_format`) drops the attention mask, keeps the last hidden state only at supervised
+(:mod:`specdec.data.cache.format`) drops the attention mask, keeps the last hidden state only at supervised
 positions, and adds per-sample container overhead (tar headers and padding, .npy and codec headers, meta.json)
 that is amortised here over the average sample length; fp8 adds one fp32 scale per token per layer.
 """
@@ -14,9 +14,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from specdec.data.cache_format import TAR_BLOCK
-from specdec.data.cache_writer import DEFAULT_MAX_SHARD_BYTES
-from specdec.data.codecs import CODECS, HEADER_BYTES, CodecSpec, payload_bytes
+from specdec.data.cache.codecs import CODECS, HEADER_BYTES, CodecSpec, payload_bytes
+from specdec.data.cache.format import TAR_BLOCK
+from specdec.data.cache.writer import DEFAULT_MAX_SHARD_BYTES
 
 DEEPSPEC_INDEX_RECORD_BYTES = 56
 NPY_HEADER_BYTES = 128  # numpy's .npy v1 header of a 1-D array, padded to 64-byte alignment

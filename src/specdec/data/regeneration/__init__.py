@@ -1,0 +1,1 @@
+"""Answer regeneration: the target answers every prompt, locally or through OpenAI-compatible servers."""
