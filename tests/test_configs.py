@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,10 @@ from transformers import Gemma4TextConfig
 
 from specdec.callbacks import GlobalBatchSize
 from specdec.cli import main
+from specdec.drafters import DFlashOptions, DSparkOptions, Eagle3Options
 from specdec.lightning import DrafterModule
 from specdec.lightning.cli import SpecdecCLI
+from specdec.targets.loading import TINY_TARGET_PATH
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PAPER_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if path.stem != "quickstart")
@@ -49,7 +54,7 @@ def test_config_prints(config):
 
 def test_paper_hyper_parameters_match_deepspec():
     for config in PAPER_CONFIGS:
-        values = yaml.safe_load(config.read_text())
+        values = resolved_config(["--config", str(config)])
         model = values["model"]["init_args"]
         trainer = values["trainer"]
         assert (model["lr"], model["warmup_ratio"], model["weight_decay"]) == (6e-4, 0.04, 0.0), config.name
@@ -69,6 +74,8 @@ def gemma4_config_dir(tmp_path_factory):
     layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 8
     config = Gemma4TextConfig(num_hidden_layers=48, layer_types=layer_types, per_layer_config={})
     config.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a tokenizer with a mask token (any id will do)
+        shutil.copy(TINY_TARGET_PATH / name, directory / name)
     return directory
 
 
@@ -76,7 +83,7 @@ def gemma4_config_dir(tmp_path_factory):
 def test_paper_config_builds_on_the_meta_device(config, gemma4_config_dir):
     args = ["--config", str(config), "--trainer.logger", "false", "--trainer.accelerator", "cpu"]
     if "gemma4" in config.stem:
-        args += ["--model.init_args.target", str(gemma4_config_dir)]
+        args += ["--data.init_args.target", str(gemma4_config_dir)]
     with torch.device("meta"):
         cli = SpecdecCLI(args=args, run=False)
     module = cli.model
@@ -93,3 +100,103 @@ def test_paper_config_builds_on_the_meta_device(config, gemma4_config_dir):
     else:
         assert module.config.block_size == 7 and module.config.num_anchors == 512
         assert module.config.num_hidden_layers == 5
+
+
+class _ParseOnly(SpecdecCLI):
+    """The CLI up to the parsed, linked and interpolated config: nothing is instantiated."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def after_instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str | None) -> None:
+        pass
+
+
+def resolved_config(args: list[str]) -> dict:
+    config = _ParseOnly(args=["fit", *args]).config["fit"].clone().as_dict()
+    config.pop("config", None)
+    return config
+
+
+def flat(value, prefix: str = "") -> dict:
+    """``{"a": {"b": [1]}}`` → ``{"a.b.__len__": 1, "a.b.0": 1}`` (list lengths count, so a dropped item shows)."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list | tuple):
+        items = {k: v for index, item in enumerate(value) for k, v in flat(item, f"{prefix}{index}.").items()}
+        return {f"{prefix}__len__": len(value), **items}
+    return {prefix[:-1]: value}
+
+
+# What each config resolved to before the configs were split into stacked parts and the shared facts linked.
+RESOLVED_BEFORE = json.loads((Path(__file__).parent / "data" / "resolved_configs.json").read_text())
+MOVED_CLASSES = {  # the checkpoint and global-batch callbacks moved to specdec.callbacks
+    "specdec.lightning.GlobalBatchSize": "specdec.callbacks.GlobalBatchSize",
+    "specdec.lightning.DrafterCheckpoint": "specdec.callbacks.DrafterCheckpoint",
+}
+OPTIONS = {"DSparkModule": DSparkOptions, "DFlashModule": DFlashOptions, "Eagle3Module": Eagle3Options}
+
+
+@pytest.mark.parametrize("name", sorted(RESOLVED_BEFORE), ids=str)
+def test_every_config_resolves_to_the_values_it_had_before_it_was_split(name):
+    """Every value of the old resolved config is found again; the only new keys are the typed drafter's defaults
+    (which applied before too), the run name, and the DataModule's layer ids (linked into the model's)."""
+    before = flat(RESOLVED_BEFORE[name])
+    now = resolved_config(["--config", str(CONFIGS / f"{name}.yaml")])
+    after = flat(now)
+    data = now["data"]["init_args"]
+    for key, value in before.items():
+        if (
+            key.startswith("data.init_args.")
+            and key.split(".")[3:4] in (["target"], ["layer_ids"])
+            and ("build" in key.split(".")[2])
+        ):
+            # a cache build's target and layer ids now default to the DataModule's (stated once)
+            field = key.split(".")[3]
+            assert after.get(f"data.init_args.{key.split('.')[2]}.{field}") is None
+            assert flat({field: data[field]}).get(".".join(key.split(".")[3:])) == value, key
+            continue
+        expected = MOVED_CLASSES.get(value, value) if key.endswith("class_path") else value
+        assert after.get(key, "<missing>") == expected, key
+    options = OPTIONS[now["model"]["class_path"].rsplit(".", 1)[1]]
+    defaults = {f"model.init_args.drafter.{f.name}": f.default for f in fields(options)}
+    for key in sorted(set(after) - set(before)):
+        if key.startswith("model.init_args.drafter."):
+            assert after[key] == defaults[key], key
+        elif key.startswith("data.init_args.layer_ids"):
+            assert after[key] == after["model.init_args." + key.removeprefix("data.init_args.")], key
+        else:
+            assert key == "run_name" or (key.startswith("data.init_args.") and "build.layer_ids" in key), key
+
+
+def test_configs_are_stacked_from_shared_parts():
+    lines = sum(len(path.read_text().splitlines()) for path in CONFIGS.rglob("*.yaml"))
+    assert lines <= 965 // 2, f"{lines} YAML lines under configs/"
+    run = yaml.safe_load((CONFIGS / "dspark_qwen3_4b.yaml").read_text())
+    assert "model" not in run and "data" not in run  # algorithm and target come from their parts
+
+
+def test_a_wrongly_typed_drafter_field_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        resolved_config(["--config", str(CONFIGS / "quickstart.yaml"), "--model.init_args.drafter.block_size", "abc"])
+    assert "block_size" in capsys.readouterr().err
+
+
+def test_the_model_cannot_state_a_target_of_its_own(capsys):
+    args = ["--config", str(CONFIGS / "quickstart.yaml"), "--model.init_args.target", "Qwen/Qwen3-4B"]
+    with pytest.raises(SystemExit):
+        resolved_config(args)
+    assert "model.init_args.target" in capsys.readouterr().err
+
+
+def test_layer_ids_the_target_does_not_have_are_refused_before_any_model_is_built(capsys):
+    args = ["--config", str(CONFIGS / "dspark_qwen3_4b.yaml"), "--data.init_args.layer_ids", "[1, 9, 17, 25, 40]"]
+    with pytest.raises(SystemExit):
+        resolved_config(args)
+    assert "do not fit target Qwen/Qwen3-4B" in capsys.readouterr().err

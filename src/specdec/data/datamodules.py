@@ -79,9 +79,9 @@ class CacheBuildSpec:
     """How :meth:`TargetCacheDataModule.prepare_data` builds a missing cache.
 
     Args:
-        target: the target (``specdec-tiny``, a local HF directory or a hub id).
         data: conversation files: prompt files (JSONL/ShareGPT/HF dataset on disk) or regenerated answers.
-        layer_ids: target layer ids to capture.
+        target: the target (default: the DataModule's ``target``, so it is stated once).
+        layer_ids: target layer ids to capture (default: the DataModule's ``layer_ids``).
         max_length: tokens per sample (longer conversations are truncated).
         codec: feature codec: ``bf16``, ``fp16``, ``fp8_e4m3``, each optionally with ``+zstd``.
         samples_per_shard: samples per tar shard (default: 1 GiB shards).
@@ -94,9 +94,9 @@ class CacheBuildSpec:
         answer_batch_size: conversations answered together.
     """
 
-    target: str
     data: list[str]
-    layer_ids: list[int]
+    target: str | None = None
+    layer_ids: list[int] | None = None
     max_length: int = 2048
     codec: str = "bf16"
     samples_per_shard: int | None = None
@@ -127,7 +127,8 @@ class TargetCacheDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes per rank.
         feature_dtype: dtype of the decoded features (``bfloat16``, ``float16``, ``float32``).
         pad_token_id: the id written after a sequence's end (never attended to, never supervised).
-        target: if set, the cache must have been built from this target.
+        target: the target the cache was built from (checked against its manifest; ``build`` defaults to it).
+        layer_ids: the captured target layer ids (checked against the manifest; ``build`` defaults to them).
         eval_sets: the eval prompts ``specdec test`` decodes (``test_dataloader`` yields ``list[EvalPrompt]``).
         build: if the cache is missing, ``prepare_data`` builds it from this spec (once per node).
         val_build: the same for ``val_cache``.
@@ -145,6 +146,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         feature_dtype: str = "bfloat16",
         pad_token_id: int = 0,
         target: str | None = None,
+        layer_ids: list[int] | None = None,
         eval_sets: EvalSetsSpec | None = None,
         build: CacheBuildSpec | None = None,
         val_build: CacheBuildSpec | None = None,
@@ -160,6 +162,7 @@ class TargetCacheDataModule(L.LightningDataModule):
         self.dtype = dtype_named(feature_dtype)
         self.pad_token_id = pad_token_id
         self.target = target
+        self.layer_ids = None if layer_ids is None else list(layer_ids)
         self.eval_sets = eval_sets
         self.build = build
         self.val_build = val_build
@@ -180,7 +183,11 @@ class TargetCacheDataModule(L.LightningDataModule):
             return
         from specdec.targets import load_target
 
-        target = load_target(spec.target, device=spec.device)
+        target_name = spec.target or self.target
+        layer_ids = spec.layer_ids or self.layer_ids
+        if target_name is None or layer_ids is None:
+            raise ValueError(f"building {cache}: give the DataModule's target and layer_ids (or the build's own)")
+        target = load_target(target_name, device=spec.device)
         data = spec.data
         if spec.answers is not None:
             from specdec.data.regeneration.regenerate import LocalGenerateBackend, regenerate
@@ -196,7 +203,7 @@ class TargetCacheDataModule(L.LightningDataModule):
             target,
             conversations,
             Path(self._manifest_location(cache)).parent,
-            spec.layer_ids,
+            layer_ids,
             spec.tokenize_options(),
             codec=spec.codec,
             samples_per_shard=spec.samples_per_shard,
@@ -211,6 +218,10 @@ class TargetCacheDataModule(L.LightningDataModule):
         if self.target is not None and fingerprint["target"] != self.target:
             raise CacheMismatchError(
                 f"target cache {cache} was built from {fingerprint['target']!r}, not {self.target!r}"
+            )
+        if self.layer_ids is not None and list(fingerprint["layer_ids"]) != self.layer_ids:
+            raise CacheMismatchError(
+                f"target cache {cache} holds layer ids {list(fingerprint['layer_ids'])}, not {self.layer_ids}"
             )
         config = drafter_config_of(getattr(self.trainer, "lightning_module", None)) if self.trainer else None
         if config is not None:

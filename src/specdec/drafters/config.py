@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import PretrainedConfig, Qwen3Config
 
+from specdec.drafters.options import DSparkOptions
 from specdec.targets.geometry import TargetGeometry
 from specdec.targets.layers import validate_layer_ids
 
@@ -44,20 +45,20 @@ class DSparkConfig(PretrainedConfig):
         target_layer_ids: Sequence[int] = (0,),
         target_num_hidden_layers: int | None = None,
         target_model_type: str = "qwen3",
-        block_size: int = 7,
+        block_size: int = DSparkOptions.block_size,
         mask_token_id: int = 0,
-        num_anchors: int = 512,
-        anchor_convention: str = "deepspec",
-        markov_rank: int = 256,
-        markov_head_type: str = "vanilla",
-        enable_confidence_head: bool = True,
-        confidence_head_with_markov: bool = True,
+        num_anchors: int = DSparkOptions.num_anchors,
+        anchor_convention: str = DSparkOptions.anchor_convention,
+        markov_rank: int = DSparkOptions.markov_rank,
+        markov_head_type: str = DSparkOptions.markov_head_type,
+        enable_confidence_head: bool = DSparkOptions.enable_confidence_head,
+        confidence_head_with_markov: bool = DSparkOptions.confidence_head_with_markov,
         confidence_temperatures: Sequence[float] | None = None,
         block_style: str = "qwen3",
         embedding_multiplier: float = 1.0,
         final_logit_softcapping: float | None = None,
         attention_k_eq_v: bool = False,
-        attention_backend: str = "auto",
+        attention_backend: str = DSparkOptions.attention_backend,
         initializer_range: float = 0.02,
         **kwargs: Any,
     ) -> None:

@@ -19,6 +19,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwe
 
 from specdec.drafters.attention import attend, choose_attention_backend
 from specdec.drafters.config import backbone_config_of, target_sized_fields
+from specdec.drafters.options import Eagle3Options
 from specdec.drafters.target_head import softcap
 from specdec.targets.layers import validate_layer_ids
 from specdec.targets.weights import TargetHead
@@ -56,9 +57,9 @@ class Eagle3Config(PretrainedConfig):
         step_loss_decay: float = 0.8,
         embedding_multiplier: float = 1.0,
         final_logit_softcapping: float | None = None,
-        attention_backend: str = "auto",
+        attention_backend: str = Eagle3Options.attention_backend,
         initializer_range: float = 0.02,
-        qk_norm: bool = True,
+        qk_norm: bool = Eagle3Options.qk_norm,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from transformers import PretrainedConfig, PreTrainedModel
 
 from specdec.decoding.options import DecodingOptions
+from specdec.drafters.options import DrafterOptions
 from specdec.lightning.schedule import warmup_cosine_scheduler
 from specdec.lightning.speculative_test import SpeculativeTestMixin
 from specdec.metrics.ratio import RatioMetric
@@ -84,6 +85,9 @@ class DrafterModule(SpeculativeTestMixin, L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # collects the subclass's arguments too
+        for name, value in self.hparams.items():  # plain values in checkpoints and hparams.yaml
+            if isinstance(value, DrafterOptions):
+                self.hparams[name] = value.overrides()
         self.target_name = target
         self.layer_ids = list(layer_ids)
         self.target_config: PretrainedConfig = target_config(target)

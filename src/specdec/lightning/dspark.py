@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from specdec.drafters import DSparkConfig, DSparkDrafter
+from specdec.drafters import DFlashOptions, DSparkConfig, DSparkDrafter, DSparkOptions
 from specdec.lightning.base import DrafterModule, StepLoss
 from specdec.losses import dspark_loss
 from specdec.targets import resolve_target
@@ -30,7 +30,7 @@ class DSparkModule(DrafterModule):
         layer_ids: captured target layer ids (must equal the cache's).
         num_hidden_layers: drafter depth.
         mask_token_id: the id filling drafted slots (default: the target tokenizer's mask token).
-        drafter: further :class:`DSparkConfig` fields (``block_size``, ``num_anchors``, ``markov_rank``, ...).
+        drafter: the drafter's design (:class:`DSparkOptions`: block size, anchors, Markov and confidence heads).
         gamma: position-weight decay ``exp(-k/gamma)`` of the loss.
         ce_alpha: weight of the soft cross-entropy term.
         l1_alpha: weight of the L1 (total variation) term.
@@ -44,7 +44,7 @@ class DSparkModule(DrafterModule):
         layer_ids: list[int],
         num_hidden_layers: int = 5,
         mask_token_id: int | None = None,
-        drafter: dict[str, Any] | None = None,
+        drafter: DSparkOptions | None = None,
         gamma: float = 4.0,
         ce_alpha: float = 0.1,
         l1_alpha: float = 0.9,
@@ -52,9 +52,14 @@ class DSparkModule(DrafterModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(target, layer_ids, **kwargs)
+        options = DSparkOptions.coerce(drafter)
         mask = mask_token_id if mask_token_id is not None else mask_token_of(target)
         self.config = DSparkConfig.from_target(
-            self.target_config, layer_ids, num_hidden_layers=num_hidden_layers, mask_token_id=mask, **(drafter or {})
+            self.target_config,
+            layer_ids,
+            num_hidden_layers=num_hidden_layers,
+            mask_token_id=mask,
+            **options.overrides(),
         )
         self.drafter = DSparkDrafter(self.config)
         slots = self.config.num_predictions
@@ -134,19 +139,21 @@ class DFlashModule(DSparkModule):
         layer_ids: list[int],
         num_hidden_layers: int = 5,
         mask_token_id: int | None = None,
-        drafter: dict[str, Any] | None = None,
-        anchor_convention: str = "deepspec",
+        drafter: DFlashOptions | None = None,
+        anchor_convention: Literal["deepspec", "zlab"] = "deepspec",
         gamma: float = 4.0,
         **kwargs: Any,
     ) -> None:
-        fields = {"markov_rank": 0, "enable_confidence_head": False, "anchor_convention": anchor_convention}
-        fields.update(drafter or {})
+        fields = DFlashOptions.coerce(drafter).overrides()
+        design = DSparkOptions(
+            **fields, markov_rank=0, enable_confidence_head=False, anchor_convention=anchor_convention
+        )
         super().__init__(
             target,
             layer_ids,
             num_hidden_layers=num_hidden_layers,
             mask_token_id=mask_token_id,
-            drafter=fields,
+            drafter=design,
             gamma=gamma,
             ce_alpha=1.0,
             l1_alpha=0.0,

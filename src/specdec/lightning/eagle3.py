@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from specdec.drafters import Eagle3Config, Eagle3Drafter, vocabulary_from_counts
+from specdec.drafters import Eagle3Config, Eagle3Drafter, Eagle3Options, vocabulary_from_counts
 from specdec.lightning.base import DrafterModule, StepLoss
 from specdec.losses import eagle3_loss
 
@@ -25,7 +25,7 @@ class Eagle3Module(DrafterModule):
         ttt_length: training-time-test steps (draft tokens per round).
         step_loss_decay: weight ``decay^s`` of step ``s``.
         draft_vocab_size: a reduced draft vocabulary of the most frequent supervised tokens (default: full).
-        drafter: further :class:`Eagle3Config` fields.
+        drafter: the drafter's further design fields (:class:`Eagle3Options`).
         **kwargs: optimizer, schedule, seed and decoding options of :class:`DrafterModule`.
     """
 
@@ -37,10 +37,11 @@ class Eagle3Module(DrafterModule):
         ttt_length: int = 7,
         step_loss_decay: float = 0.8,
         draft_vocab_size: int | None = None,
-        drafter: dict[str, Any] | None = None,
+        drafter: Eagle3Options | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(target, layer_ids, **kwargs)
+        options = Eagle3Options.coerce(drafter)
         self.config = Eagle3Config.from_target(
             self.target_config,
             layer_ids,
@@ -48,7 +49,7 @@ class Eagle3Module(DrafterModule):
             ttt_length=ttt_length,
             step_loss_decay=step_loss_decay,
             draft_vocab_size=draft_vocab_size,
-            **(drafter or {}),
+            **options.overrides(),
         )
         self.drafter = Eagle3Drafter(self.config)
         steps = range(self.config.ttt_length)

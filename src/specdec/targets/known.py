@@ -47,6 +47,21 @@ KNOWN_TARGETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The id filling drafted slots in DSpark/DFlash blocks: Qwen3's tokenizer has no mask token, so DeepSpec uses
+# the first id past its special tokens; Gemma 4's tokenizer has ``<mask>`` at 4.
+KNOWN_MASK_TOKEN_IDS: dict[str, int] = {
+    "Qwen/Qwen3-4B": 151_669,
+    "Qwen/Qwen3-8B": 151_669,
+    "Qwen/Qwen3-14B": 151_669,
+    "google/gemma-4-12B-it": 4,
+}
+
+
+def known_mask_token_id(name: str) -> int | None:
+    """The mask token id of a known target (see :data:`KNOWN_MASK_TOKEN_IDS`), or None."""
+    return KNOWN_MASK_TOKEN_IDS.get(name)
+
+
 def known_target_config(name: str) -> PretrainedConfig | None:
     """The recorded config of a known hub target, or None."""
     fields = KNOWN_TARGETS.get(name)
