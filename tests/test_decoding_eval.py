@@ -1,4 +1,4 @@
-"""`specdec test` through the mixin: eval prompts decoded against the tiny target, table printed, metrics logged."""
+"""`specdec test` through its component in a module of its own: eval prompts decoded against the tiny target."""
 
 import csv
 
@@ -11,14 +11,15 @@ from specdec.data.datamodules import TargetCacheDataModule
 from specdec.data.prompts.eval_sets import EvalSetsSpec, EvalTask, write_eval_set
 from specdec.decoding import DecodingOptions
 from specdec.drafters import DSparkConfig, DSparkDrafter
-from specdec.lightning.speculative_test import SpeculativeTestMixin
+from specdec.lightning import DecodableModule, SpeculativeTest
 from specdec.targets import TINY_TARGET, load_target, read_target_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TinyDrafterModule(SpeculativeTestMixin, L.LightningModule):
-    """The four attributes the mixin relies on, around an untrained DSpark drafter of the tiny target."""
+class TinyDrafterModule(L.LightningModule):
+    """A module of one's own: the DecodableModule attributes around an untrained DSpark drafter of the tiny target,
+    its test hooks handed to a SpeculativeTest."""
 
     def __init__(self, decoding: DecodingOptions) -> None:
         super().__init__()
@@ -38,8 +39,19 @@ class TinyDrafterModule(SpeculativeTestMixin, L.LightningModule):
         self.drafter = DSparkDrafter(config)
         self.drafter.attach_target_head(read_target_head(TINY_TARGET))
 
+        self.speculative_test = SpeculativeTest()
+
     def load_target(self):
         return self._target
+
+    def on_test_epoch_start(self) -> None:
+        self.speculative_test.start(self)
+
+    def test_step(self, batch, batch_idx: int = 0) -> None:
+        self.speculative_test.step(self, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.speculative_test_results = self.speculative_test.end(self)
 
 
 def test_specdec_test_decodes_eval_sets_and_logs_per_dataset(tmp_path, capsys):
@@ -49,6 +61,7 @@ def test_specdec_test_decodes_eval_sets_and_logs_per_dataset(tmp_path, capsys):
         str(tmp_path), tasks=[EvalTask("sums", 2, "code"), EvalTask("chat", None, "chat")], all_turns=["chat"]
     )
     module = TinyDrafterModule(DecodingOptions(temperature=1.0, max_new_tokens=12, seed=1, warmup_prompts=0))
+    assert isinstance(module, DecodableModule)
     trainer = L.Trainer(
         accelerator="cpu", logger=CSVLogger(tmp_path / "logs"), enable_progress_bar=False, enable_model_summary=False
     )

@@ -8,15 +8,14 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from specdec.callbacks import DrafterCheckpoint, GlobalBatchSize
 from specdec.data.cache.builder import TokenizeOptions, build_target_cache
 from specdec.data.datamodules import TargetCacheDataModule
 from specdec.data.prompts.sources import iter_training_conversations
 from specdec.lightning import (
     DFlashModule,
-    DrafterCheckpoint,
     DSparkModule,
     Eagle3Module,
-    GlobalBatchSize,
     RatioMetric,
     drafter_directory_of,
     warmup_cosine,

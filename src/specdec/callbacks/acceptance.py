@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from specdec.lightning.protocol import as_decodable
 from specdec.metrics.ratio import RatioMetric
 from specdec.sampling import GREEDY_TEMPERATURE
 
@@ -84,8 +85,7 @@ class AcceptanceSimulation(L.Callback):
     def _temperature(self, pl_module) -> float:
         if self.temperature is not None:
             return self.temperature
-        options = getattr(pl_module, "decoding_options", None)
-        return options.temperature if options is not None else 1.0
+        return as_decodable(pl_module, "AcceptanceSimulation").decoding_options.temperature
 
     @torch.no_grad()
     def simulate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

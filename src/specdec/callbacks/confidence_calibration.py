@@ -31,6 +31,7 @@ from specdec.decoding.temperature_scaling import (
     calibrate,
     set_confidence_temperatures,
 )
+from specdec.lightning.protocol import as_decodable
 from specdec.metrics.confidence import log_reliability_wandb, plot_reliability
 
 DEFAULT_PROMPTS = (
@@ -105,9 +106,10 @@ class ConfidenceCalibration(L.Callback):
     @torch.no_grad()
     def _rounds(self, trainer: L.Trainer, pl_module, conversations, first_index: int) -> CalibrationRounds:
         """This rank's share of ``conversations`` decoded for real, gathered over ranks."""
-        drafter = pl_module.drafter
-        options = self._options(pl_module)
-        evaluator = SpeculativeEvaluator(pl_module.load_target(), drafter, options)
+        module = as_decodable(pl_module, "ConfidenceCalibration")
+        drafter = module.drafter
+        options = self._options(module)
+        evaluator = SpeculativeEvaluator(module.load_target(), drafter, options)
         current = drafter.config.confidence_temperatures  # the logits come out scaled by these: undone below
         results = []
         for offset, turns in enumerate(conversations):
@@ -119,7 +121,7 @@ class ConfidenceCalibration(L.Callback):
 
     def calibrate(self, trainer: L.Trainer, pl_module, stage: str) -> CalibrationReport | None:
         """Decode the prompts, fit STS on the first part, measure on the rest, set the temperatures, log."""
-        drafter = pl_module.drafter
+        drafter = as_decodable(pl_module, "ConfidenceCalibration").drafter
         if getattr(drafter, "confidence_head", None) is None:
             rank_zero_warn("ConfidenceCalibration: the drafter has no confidence head; nothing to calibrate")
             return None

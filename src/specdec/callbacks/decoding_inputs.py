@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from specdec.data.prompts.eval_sets import EvalSetsSpec, load_eval_prompts
 from specdec.decoding.options import DecodingOptions
+from specdec.lightning.protocol import as_decodable
 
 
 def callback_conversations(
@@ -30,7 +31,7 @@ def callback_decoding_options(
     pl_module, *, measure_speedup: bool, max_new_tokens: int | None, temperature: float | None
 ) -> DecodingOptions:
     """The module's decoding options with the callback's overrides."""
-    options = getattr(pl_module, "decoding_options", None) or DecodingOptions()
+    options = as_decodable(pl_module, "a decoding callback").decoding_options
     changes: dict = {"measure_speedup": measure_speedup}
     if max_new_tokens is not None:
         changes["max_new_tokens"] = max_new_tokens

@@ -15,6 +15,7 @@ from specdec.callbacks.decoding_inputs import callback_conversations, callback_d
 from specdec.data.prompts.eval_sets import EvalSetsSpec
 from specdec.decoding.evaluate import SpeculativeEvaluator
 from specdec.decoding.options import DecodingOptions
+from specdec.lightning.protocol import DecodableModule, as_decodable
 from specdec.metrics import AcceptanceMetrics, SpeedMetrics
 
 DEFAULT_PROMPTS = (
@@ -71,13 +72,14 @@ class SpeedupEvaluation(L.Callback):
             pl_module, measure_speedup=True, max_new_tokens=self.max_new_tokens, temperature=temperature
         )
 
-    def _evaluator(self, pl_module, temperature: float | None) -> SpeculativeEvaluator:
+    def _evaluator(self, pl_module: DecodableModule, temperature: float | None) -> SpeculativeEvaluator:
         """The evaluator at ``temperature``, built (and warmed up: compiled, costs measured) once per run."""
-        options = self._options(pl_module, temperature)
+        module = as_decodable(pl_module, "SpeedupEvaluation")
+        options = self._options(module, temperature)
         evaluator = self._evaluators.get(temperature)
-        if evaluator is None or evaluator.decoder.drafter is not pl_module.drafter or evaluator.options != options:
-            target = pl_module.load_target()
-            evaluator = SpeculativeEvaluator(target, pl_module.drafter, options, self._shared_session(target, options))
+        if evaluator is None or evaluator.decoder.drafter is not module.drafter or evaluator.options != options:
+            target = module.load_target()
+            evaluator = SpeculativeEvaluator(target, module.drafter, options, self._shared_session(target, options))
             if options.warmup_prompts:
                 evaluator.warmup()
             self._evaluators[temperature] = evaluator

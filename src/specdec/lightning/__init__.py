@@ -4,16 +4,21 @@ from specdec.lightning.base import DrafterModule, StepLoss
 from specdec.lightning.drafter_directory import drafter_directory_of, save_drafter_directory
 from specdec.lightning.dspark import DFlashModule, DSparkModule
 from specdec.lightning.eagle3 import Eagle3Module
+from specdec.lightning.protocol import DecodableModule, as_decodable
 from specdec.lightning.schedule import warmup_cosine, warmup_cosine_scheduler
+from specdec.lightning.speculative_test import SpeculativeTest
 from specdec.metrics.ratio import RatioMetric
 
 __all__ = [
     "DFlashModule",
     "DSparkModule",
+    "DecodableModule",
     "DrafterModule",
     "Eagle3Module",
     "RatioMetric",
+    "SpeculativeTest",
     "StepLoss",
+    "as_decodable",
     "drafter_directory_of",
     "save_drafter_directory",
     "warmup_cosine",

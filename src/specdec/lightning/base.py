@@ -22,7 +22,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from specdec.decoding.options import DecodingOptions
 from specdec.drafters.options import DrafterOptions
 from specdec.lightning.schedule import warmup_cosine_scheduler
-from specdec.lightning.speculative_test import SpeculativeTestMixin
+from specdec.lightning.speculative_test import SpeculativeTest
 from specdec.metrics.ratio import RatioMetric
 from specdec.targets import read_target_head
 from specdec.targets.known import target_config
@@ -50,8 +50,11 @@ def step_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class DrafterModule(SpeculativeTestMixin, L.LightningModule):
+class DrafterModule(L.LightningModule):
     """Base of the drafter LightningModules (see the module docstring for the loss scaling).
+
+    It satisfies :class:`~specdec.lightning.protocol.DecodableModule`, so ``specdec test`` (its
+    :class:`SpeculativeTest`) and the decoding callbacks can run its drafter against the target.
 
     Args:
         target: the target the drafter serves (``specdec-tiny``, a local HF directory or a hub id).
@@ -96,7 +99,9 @@ class DrafterModule(SpeculativeTestMixin, L.LightningModule):
         self._window: list[torch.Tensor] = []  # per micro-batch [weight, weighted_sum, terms...] of this step
         self._window_terms: list[str] = []
         self._micro_in_window = 0
-        self._compiled_forward = None
+        self.compiled_forward = CompiledForward()
+        self.speculative_test = SpeculativeTest()
+        self.speculative_test_results: dict[str, dict[str, float]] | None = None
 
     # ---- building ------------------------------------------------------------------------------------------
     def build_ratio_metrics(self, ratios: list[str], terms: list[str]) -> None:
@@ -216,6 +221,16 @@ class DrafterModule(SpeculativeTestMixin, L.LightningModule):
         self._window.clear()
         self._micro_in_window = 0
 
+    # ---- specdec test ----------------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self.speculative_test.start(self)
+
+    def test_step(self, batch: list, batch_idx: int = 0) -> None:
+        self.speculative_test.step(self, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.speculative_test_results = self.speculative_test.end(self)
+
     # ---- optimizer -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
         trainable = [parameter for parameter in self.drafter.parameters() if parameter.requires_grad]
@@ -255,6 +270,19 @@ class DrafterModule(SpeculativeTestMixin, L.LightningModule):
         from specdec.lightning.drafter_directory import save_drafter_directory
 
         save_drafter_directory(self, directory, trainer=self._trainer, **provenance)
+
+
+class CompiledForward:
+    """``torch.compile`` of a drafter's training forward, built on first use and held outside the module tree
+    (registered as a submodule, it would duplicate every drafter tensor in the ``state_dict``)."""
+
+    def __init__(self) -> None:
+        self._compiled: torch.nn.Module | None = None
+
+    def __call__(self, module: torch.nn.Module, *args: Any) -> Any:
+        if self._compiled is None:
+            self._compiled = torch.compile(module, dynamic=None)
+        return self._compiled(*args)
 
 
 def _metric_key(name: str) -> str:

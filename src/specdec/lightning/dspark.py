@@ -120,11 +120,7 @@ class DSparkModule(DrafterModule):
         )
 
     def _forward(self, *args):
-        if self.hparams.compile and self._compiled_forward is None:
-            # Kept out of the module tree: registered, it would duplicate every drafter tensor in the state_dict.
-            self.__dict__["_compiled_forward"] = torch.compile(self.drafter, dynamic=None)
-        forward = self._compiled_forward if self.hparams.compile else self.drafter
-        return forward(*args)
+        return self.compiled_forward(self.drafter, *args) if self.hparams.compile else self.drafter(*args)
 
 
 class DFlashModule(DSparkModule):

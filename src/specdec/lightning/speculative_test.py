@@ -1,8 +1,7 @@
 """``specdec test``: real speculative decoding of the eval prompts against the target, with the baseline.
 
-The mixin needs from its LightningModule: ``drafter`` (on the module's device, target head attached),
-``load_target()`` (a :class:`specdec.targets.Target` on the module's device), ``target_name`` and
-``decoding_options`` (:class:`specdec.decoding.DecodingOptions`). Batches are ``list[EvalPrompt]`` from the
+:class:`SpeculativeTest` is a component a LightningModule holds and hands its three test hooks to; the module
+must satisfy :class:`~specdec.lightning.protocol.DecodableModule`. Batches are ``list[EvalPrompt]`` from the
 DataModule's ``test_dataloader`` (its ``eval_sets``). Metrics are summed over ranks and reported per dataset,
 per domain and overall: printed as DeepSpec's table plus our columns, logged, and sent to W&B as tables.
 """
@@ -16,7 +15,7 @@ import torch
 
 from specdec.data.prompts.eval_sets import EvalPrompt, deepspec_tasks, metric_groups
 from specdec.decoding.evaluate import SpeculativeEvaluator
-from specdec.decoding.options import DecodingOptions
+from specdec.lightning.protocol import DecodableModule, as_decodable
 from specdec.metrics import ALL, GroupedDecodingMetrics
 
 ACCEPTANCE_COLUMNS = ("#propose", "accept_len", "verify_rate")
@@ -57,27 +56,30 @@ def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(columns), "-+-".join("-" * w for w in widths), *(line(row) for row in rows)])
 
 
-class SpeculativeTestMixin:
-    """``on_test_epoch_start`` / ``test_step`` / ``on_test_epoch_end`` of speculative-decoding evaluation."""
+class SpeculativeTest:
+    """Speculative-decoding evaluation of a module's drafter: ``start`` / ``step`` / ``end`` of a test epoch.
 
-    def _decoding_options(self) -> DecodingOptions:
-        options = getattr(self, "decoding_options", None)
-        return options if options is not None else DecodingOptions()
+    Held by the module (``self.speculative_test = SpeculativeTest()``) and called from its ``on_test_epoch_start``,
+    ``test_step`` and ``on_test_epoch_end``. The evaluator and the metrics live here, outside the module tree, so
+    they never reach the module's ``state_dict``.
+    """
 
-    def on_test_epoch_start(self) -> None:
-        options = self._decoding_options()
-        self.__dict__["_speculative_evaluator"] = evaluator = SpeculativeEvaluator(
-            self.load_target(), self.drafter, options
-        )
-        metrics = GroupedDecodingMetrics(_groups_of(self.trainer), evaluator.max_drafts).to(self.device)
-        self.__dict__["_speculative_metrics"] = metrics  # kept out of the module tree and its state_dict
+    def __init__(self) -> None:
+        self.evaluator: SpeculativeEvaluator | None = None
+        self.metrics: GroupedDecodingMetrics | None = None
+        self.results: dict[str, dict[str, float]] | None = None
+
+    def start(self, module: DecodableModule) -> None:
+        module = as_decodable(module, "specdec test")
+        options = module.decoding_options
+        self.evaluator = SpeculativeEvaluator(module.load_target(), module.drafter, options)
+        self.metrics = GroupedDecodingMetrics(_groups_of(module.trainer), self.evaluator.max_drafts).to(module.device)
         if options.measure_speedup and options.warmup_prompts:
-            evaluator.warmup()
+            self.evaluator.warmup()
 
-    def test_step(self, batch: Sequence[EvalPrompt], batch_idx: int = 0) -> None:
-        evaluator: SpeculativeEvaluator = self.__dict__["_speculative_evaluator"]
-        metrics: GroupedDecodingMetrics = self.__dict__["_speculative_metrics"]
-        seed = self._decoding_options().seed
+    def step(self, module: DecodableModule, batch: Sequence[EvalPrompt]) -> None:
+        evaluator, metrics = self._started()
+        seed = module.decoding_options.seed
         by_set: dict[tuple[str, str], list[EvalPrompt]] = {}
         for prompt in batch:
             by_set.setdefault((prompt.dataset, prompt.domain), []).append(prompt)
@@ -87,20 +89,21 @@ class SpeculativeTestMixin:
             for outputs in turns:
                 metrics.update(groups, outputs.speculative, outputs.autoregressive)
 
-    def on_test_epoch_end(self) -> None:
-        metrics: GroupedDecodingMetrics = self.__dict__["_speculative_metrics"]
-        evaluator: SpeculativeEvaluator = self.__dict__["_speculative_evaluator"]
+    def end(self, module: DecodableModule) -> dict[str, dict[str, float]]:
+        """Reduce over ranks, log, print the table (rank 0) and return the results per group."""
+        evaluator, metrics = self._started()
         values = metrics.compute()  # summed over ranks
-        self.speculative_test_results = {g: {k: float(v) for k, v in m.items()} for g, m in values.items()}
+        self.results = {g: {k: float(v) for k, v in m.items()} for g, m in values.items()}
         logged = {}
         for group, group_values in values.items():
             if float(group_values["rounds"]) == 0:
                 continue
             prefix = "test" if group == ALL else f"test/{group}"
             logged.update({f"{prefix}/{name}": value for name, value in group_values.items() if not value.isnan()})
-        self.log_dict(logged, sync_dist=False, rank_zero_only=True)
-        columns, rows = format_table(values, evaluator.max_drafts, str(getattr(self, "target_name", "")))
-        if self.trainer.is_global_zero:
+        module.log_dict(logged, sync_dist=False, rank_zero_only=True)
+        columns, rows = format_table(values, evaluator.max_drafts, module.target_name)
+        trainer = module.trainer
+        if trainer.is_global_zero:
             print(render_table(columns, rows))
             policy = evaluator.draft_policy
             if policy is not None:
@@ -109,27 +112,34 @@ class SpeculativeTestMixin:
                     f"{dict(sorted(policy.chosen.items()))}); engine {evaluator.options.engine}, "
                     f"warm-up {evaluator.warmup_seconds:.1f} s"
                 )
-        self._log_wandb_tables(columns, rows, values, evaluator.max_drafts)
+        _log_wandb_tables(trainer, columns, rows, values, evaluator.max_drafts)
         metrics.reset()
+        return self.results
 
-    def _log_wandb_tables(self, columns, rows, values, max_drafts: int) -> None:
-        """The result table and acceptance by draft position (survival and conditional), per group."""
-        from lightning.pytorch.loggers import WandbLogger
+    def _started(self) -> tuple[SpeculativeEvaluator, GroupedDecodingMetrics]:
+        if self.evaluator is None or self.metrics is None:
+            raise RuntimeError("SpeculativeTest.start must run before step and end (on_test_epoch_start)")
+        return self.evaluator, self.metrics
 
-        loggers = [logger for logger in self.trainer.loggers if isinstance(logger, WandbLogger)]
-        if not loggers or not self.trainer.is_global_zero:
-            return
-        curve: list[list[Any]] = []
-        for group, metrics in values.items():
-            if float(metrics["rounds"]) == 0:
-                continue
-            for k in range(max_drafts):
-                survival, conditional = metrics[f"accept_rate@{k}"], metrics[f"cond_accept@{k}"]
-                curve.append([group, k, float(survival), float(conditional)])
-        for logger in loggers:
-            logger.log_table(key="test/speculative_decoding", columns=list(columns), data=rows)
-            logger.log_table(
-                key="test/acceptance_by_position",
-                columns=["group", "position", "accept_rate", "cond_accept"],
-                data=curve,
-            )
+
+def _log_wandb_tables(trainer, columns, rows, values, max_drafts: int) -> None:
+    """The result table and acceptance by draft position (survival and conditional), per group."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    if not loggers or not trainer.is_global_zero:
+        return
+    curve: list[list[Any]] = []
+    for group, metrics in values.items():
+        if float(metrics["rounds"]) == 0:
+            continue
+        for k in range(max_drafts):
+            survival, conditional = metrics[f"accept_rate@{k}"], metrics[f"cond_accept@{k}"]
+            curve.append([group, k, float(survival), float(conditional)])
+    for logger in loggers:
+        logger.log_table(key="test/speculative_decoding", columns=list(columns), data=rows)
+        logger.log_table(
+            key="test/acceptance_by_position",
+            columns=["group", "position", "accept_rate", "cond_accept"],
+            data=curve,
+        )
