@@ -57,8 +57,6 @@ def fit_config(directory: Path, cache_dir: Path, max_steps: int) -> Path:
         "model": {
             "class_path": "specdec.lightning.DSparkModule",
             "init_args": {
-                "target": TINY_TARGET,
-                "layer_ids": LAYER_IDS,
                 "num_hidden_layers": 1,
                 "drafter": SMALL_DSPARK,
                 "lr": 2e-3,
@@ -67,7 +65,13 @@ def fit_config(directory: Path, cache_dir: Path, max_steps: int) -> Path:
         },
         "data": {
             "class_path": "tests.interleaved_data.InterleavedCacheDataModule",
-            "init_args": {"cache": str(cache_dir), "batch_size": 2, "repeat": 2},
+            "init_args": {
+                "cache": str(cache_dir),
+                "target": TINY_TARGET,
+                "layer_ids": LAYER_IDS,
+                "batch_size": 2,
+                "repeat": 2,
+            },
         },
     }
     path = directory / "config.yaml"

@@ -24,7 +24,7 @@ from specdec.export.expressible import FORMATS, unsupported_reasons
 from specdec.export.parity import ParityReport, check_export_parity
 from specdec.export.provenance import Provenance
 from specdec.export.source import Drafter, has_target_head, load_drafter, strip_trainer_prefixes, target_head_of
-from specdec.lightning.protocol import as_decodable
+from specdec.lightning.protocol import as_drafter_holder
 from specdec.targets import read_target_head
 
 
@@ -119,7 +119,7 @@ class ExportParityCheck(L.Callback):
         self.saves += 1
         if not trainer.is_global_zero or (self.saves - 1) % self.every_n_saves:
             return
-        module = as_decodable(pl_module, "ExportParityCheck")
+        module = as_drafter_holder(pl_module, "ExportParityCheck")
         live = module.drafter
         if not isinstance(live, DSparkDrafter | Eagle3Drafter):
             raise TypeError("ExportParityCheck needs pl_module.drafter to be a DSparkDrafter or Eagle3Drafter")

@@ -4,7 +4,7 @@ from specdec.lightning.base import DrafterModule, StepLoss
 from specdec.lightning.drafter_directory import drafter_directory_of, save_drafter_directory
 from specdec.lightning.dspark import DFlashModule, DSparkModule
 from specdec.lightning.eagle3 import Eagle3Module
-from specdec.lightning.protocol import DecodableModule, as_decodable
+from specdec.lightning.protocol import DecodableModule, DrafterHolder, as_decodable, as_drafter_holder
 from specdec.lightning.schedule import warmup_cosine, warmup_cosine_scheduler
 from specdec.lightning.speculative_test import SpeculativeTest
 from specdec.metrics.ratio import RatioMetric
@@ -18,7 +18,9 @@ __all__ = [
     "RatioMetric",
     "SpeculativeTest",
     "StepLoss",
+    "DrafterHolder",
     "as_decodable",
+    "as_drafter_holder",
     "drafter_directory_of",
     "save_drafter_directory",
     "warmup_cosine",

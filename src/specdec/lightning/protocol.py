@@ -19,11 +19,17 @@ if TYPE_CHECKING:
 
 
 @runtime_checkable
-class DecodableModule(Protocol):
-    """A drafter on the module's device with the target head attached, and how to decode with it."""
+class DrafterHolder(Protocol):
+    """A drafter and the target it was trained for: all that checks on the weights alone (export parity) need."""
 
     drafter: nn.Module
     target_name: str
+
+
+@runtime_checkable
+class DecodableModule(DrafterHolder, Protocol):
+    """A drafter on the module's device with the target head attached, and how to decode with it."""
+
     decoding_options: DecodingOptions
     device: torch.device
 
@@ -32,12 +38,23 @@ class DecodableModule(Protocol):
         ...
 
 
-DECODABLE_MEMBERS = ("drafter", "target_name", "decoding_options", "device", "load_target")
+DRAFTER_HOLDER_MEMBERS = ("drafter", "target_name")
+DECODABLE_MEMBERS = (*DRAFTER_HOLDER_MEMBERS, "decoding_options", "device", "load_target")
+
+
+def _require(module: object, members: tuple[str, ...], protocol: str, user: str) -> None:
+    missing = [name for name in members if not hasattr(module, name)]
+    if missing:
+        raise TypeError(f"{user} needs a module with {', '.join(missing)} (see specdec.lightning.{protocol})")
 
 
 def as_decodable(module: object, user: str) -> DecodableModule:
     """``module`` typed as :class:`DecodableModule`, or a TypeError naming what ``user`` misses on it."""
-    missing = [name for name in DECODABLE_MEMBERS if not hasattr(module, name)]
-    if missing:
-        raise TypeError(f"{user} needs a module with {', '.join(missing)} (see specdec.lightning.DecodableModule)")
+    _require(module, DECODABLE_MEMBERS, "DecodableModule", user)
+    return module  # type: ignore[return-value]
+
+
+def as_drafter_holder(module: object, user: str) -> DrafterHolder:
+    """``module`` typed as :class:`DrafterHolder`, or a TypeError naming what ``user`` misses on it."""
+    _require(module, DRAFTER_HOLDER_MEMBERS, "DrafterHolder", user)
     return module  # type: ignore[return-value]
