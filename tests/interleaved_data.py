@@ -34,9 +34,7 @@ class InterleavedBatches(EpochBatches):
 class InterleavedCacheDataModule(L.LightningDataModule):
     """Global micro-batches of ``batch_size`` samples, in cache order, dealt to ranks round-robin."""
 
-    def __init__(
-        self, cache: str, target: str, layer_ids: list[int], batch_size: int = 2, repeat: int = 1
-    ) -> None:
+    def __init__(self, cache: str, target: str, layer_ids: list[int], batch_size: int = 2, repeat: int = 1) -> None:
         super().__init__()
         self.cache = cache
         self.target = target  # linked into the model by the CLI, like TargetCacheDataModule's
