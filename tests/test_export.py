@@ -10,8 +10,8 @@ from transformers import Qwen3Config
 
 from specdec.drafters import DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
 from specdec.export import (
+    ExportProvenance,
     ExportValidationError,
-    Provenance,
     UnsupportedDrafterError,
     check_export_parity,
     export_and_check,
@@ -25,7 +25,7 @@ from specdec.export import (
 from specdec.targets import TargetHead
 
 VOCAB, HIDDEN, TARGET_LAYERS = 64, 32, 6
-PROVENANCE = Provenance(target="org/tiny-target")
+PROVENANCE = ExportProvenance(target="org/tiny-target")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -290,7 +290,7 @@ def test_provenance_is_recorded(tmp_path):
     manifest.write_text(json.dumps({"fingerprint": {"target": "specdec-tiny", "layer_ids": [0, 2, 4]}}))
     from specdec.export import cache_manifest_id
 
-    provenance = Provenance.from_target(
+    provenance = ExportProvenance.from_target(
         "specdec-tiny", cache_manifest_id=cache_manifest_id(manifest), train_config={"lr": 6e-4}
     )
     path = export_drafter(eagle3(), "vllm", tmp_path / "out", target_config=TARGET_CONFIG, provenance=provenance)

@@ -19,10 +19,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from specdec.drafters import DSparkDrafter, Eagle3Drafter
 from specdec.export.api import export_drafter
-from specdec.export.errors import ParityError
+from specdec.export.directory import ExportProvenance
 from specdec.export.expressible import FORMATS, unsupported_reasons
-from specdec.export.parity import ParityReport, check_export_parity
-from specdec.export.provenance import Provenance
+from specdec.export.parity import ParityError, ParityReport, check_export_parity
 from specdec.export.source import Drafter, has_target_head, load_drafter, strip_trainer_prefixes, target_head_of
 from specdec.lightning.protocol import as_drafter_holder
 from specdec.targets import read_target_head
@@ -89,7 +88,7 @@ class ExportParityCheck(L.Callback):
         if any(tensor.device.type != "cpu" for tensor in drafter.state_dict().values()):
             drafter = _cpu_copy(drafter, None)  # the comparison runs on CPU in fp32
         results: dict[str, ParityReport | str] = {}
-        provenance = Provenance(target=target or self.target or "unknown-target")
+        provenance = ExportProvenance(target=target or self.target or "unknown-target")
         for name in self.formats or FORMATS:
             reasons = unsupported_reasons(drafter.config, name)
             if reasons:

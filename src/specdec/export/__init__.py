@@ -10,24 +10,29 @@
 
 from specdec.export.api import EXPORTERS, export_drafter
 from specdec.export.deepspec import export_deepspec
-from specdec.export.errors import ExportValidationError, ParityError, UnsupportedDrafterError
-from specdec.export.expressible import FORMATS, check_expressible, expressible_formats, unsupported_reasons
+from specdec.export.directory import ExportProvenance, cache_manifest_id
+from specdec.export.expressible import (
+    FORMATS,
+    UnsupportedDrafterError,
+    check_expressible,
+    expressible_formats,
+    unsupported_reasons,
+)
 from specdec.export.loaders import ExportReadError, load_deepspec, load_export
-from specdec.export.parity import ParityReport, check_export_parity, export_and_check
-from specdec.export.provenance import Provenance, cache_manifest_id
+from specdec.export.parity import ParityError, ParityReport, check_export_parity, export_and_check
 from specdec.export.sglang import export_sglang
 from specdec.export.source import load_drafter
-from specdec.export.validators import find_problems, validate_export
+from specdec.export.validators import ExportValidationError, find_problems, validate_export
 from specdec.export.vllm import export_vllm
 
 __all__ = [
     "EXPORTERS",
     "FORMATS",
+    "ExportProvenance",
     "ExportReadError",
     "ExportValidationError",
     "ParityError",
     "ParityReport",
-    "Provenance",
     "UnsupportedDrafterError",
     "cache_manifest_id",
     "check_export_parity",

@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from specdec.export.conventions import parse_dtype
 from specdec.export.deepspec import export_deepspec
+from specdec.export.directory import ExportProvenance
 from specdec.export.expressible import FORMATS
-from specdec.export.provenance import Provenance
 from specdec.export.sglang import export_sglang
 from specdec.export.source import Drafter
-from specdec.export.tensors import parse_dtype
 from specdec.export.vllm import export_vllm
 
 EXPORTERS = {"deepspec": export_deepspec, "vllm": export_vllm, "sglang": export_sglang}
@@ -24,7 +24,7 @@ def export_drafter(
     output_dir: str | Path,
     *,
     target_config: PretrainedConfig | None = None,
-    provenance: Provenance | None = None,
+    provenance: ExportProvenance | None = None,
     dtype: str | torch.dtype = torch.bfloat16,
     speculative_tokens: int | None = None,
 ) -> Path:

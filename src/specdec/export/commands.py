@@ -23,7 +23,7 @@ def _read_train_config(path: Path | None) -> dict[str, Any] | None:
 
 def _source_record(source: Path) -> dict[str, Any]:
     """The provenance a training run wrote beside its HF drafter directory (target, layer ids, cache id)."""
-    from specdec.export.files import PROVENANCE_FILE
+    from specdec.export.directory import PROVENANCE_FILE
 
     path = Path(source) / PROVENANCE_FILE
     return json.loads(path.read_text()) if Path(source).is_dir() and path.exists() else {}
@@ -60,8 +60,8 @@ def export_command(
     from transformers import AutoConfig
 
     from specdec.export.api import export_drafter
+    from specdec.export.directory import ExportProvenance, cache_manifest_id
     from specdec.export.parity import check_export_parity
-    from specdec.export.provenance import Provenance, cache_manifest_id
     from specdec.export.source import load_drafter, recorded_target
     from specdec.targets import resolve_target
 
@@ -73,7 +73,7 @@ def export_command(
     trained_with = _read_train_config(train_config) or record.get("hyper_parameters")
     drafter = load_drafter(source, target, revision=revision)
     target_config = AutoConfig.from_pretrained(resolve_target(target, revision=revision).path, revision=revision)
-    provenance = Provenance.from_target(
+    provenance = ExportProvenance.from_target(
         target,
         revision,
         cache_manifest_id=manifest_id,

@@ -16,14 +16,20 @@ import torch
 from transformers import PretrainedConfig
 
 from specdec.drafters import DSparkDrafter, Eagle3Drafter
-from specdec.export.config_fields import decoder_fields, num_target_layers, rope_fields
-from specdec.export.conventions import output_of_layer_ids
-from specdec.export.errors import UnsupportedDrafterError
-from specdec.export.expressible import check_expressible
-from specdec.export.provenance import Provenance
+from specdec.export.conventions import (
+    DEEPSPEC_MARKOV_RENAMES,
+    decoder_fields,
+    drafter_weights,
+    dtype_name,
+    num_target_layers,
+    output_of_layer_ids,
+    renamed,
+    rope_fields,
+)
+from specdec.export.directory import ExportProvenance
+from specdec.export.expressible import UnsupportedDrafterError, check_expressible
 from specdec.export.source import Drafter, target_head_of
-from specdec.export.tensors import DEEPSPEC_MARKOV_RENAMES, drafter_weights, dtype_name, renamed
-from specdec.export.writing import write_validated_export
+from specdec.export.validators import write_validated_export
 
 FORMAT = "deepspec"
 
@@ -130,7 +136,7 @@ def export_deepspec(
     output_dir: str | Path,
     *,
     target_config: PretrainedConfig | None = None,
-    provenance: Provenance | None = None,
+    provenance: ExportProvenance | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
     """Write ``drafter`` in DeepSpec's layout and validate the result."""

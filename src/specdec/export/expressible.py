@@ -11,7 +11,15 @@ import math
 
 from transformers import PretrainedConfig
 
-from specdec.export.errors import UnsupportedDrafterError
+
+class UnsupportedDrafterError(ValueError):
+    """The drafter has a feature the target format cannot represent; the message says which and what to use."""
+
+    def __init__(self, format_name: str, reason: str) -> None:
+        super().__init__(f"cannot export to {format_name}: {reason}")
+        self.format_name = format_name
+        self.reason = reason
+
 
 FORMATS = ("deepspec", "vllm", "sglang")
 EAGLE3_SERVING_AUX_LAYERS = 3  # fc is 3 * target_hidden wide in both engines' EAGLE3 models

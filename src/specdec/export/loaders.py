@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from specdec.drafters import DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
-from specdec.export.files import read_config, read_tensors
+from specdec.export.directory import read_config, read_tensors
 from specdec.targets import TargetHead, read_target_head
 
 Drafter = DSparkDrafter | Eagle3Drafter

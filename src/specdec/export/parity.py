@@ -20,10 +20,14 @@ import torch
 from transformers import PretrainedConfig
 
 from specdec.drafters import DSparkDrafter, Eagle3Drafter
-from specdec.export.errors import ParityError
-from specdec.export.files import read_tensors
+from specdec.export.directory import read_tensors
 from specdec.export.loaders import load_export
 from specdec.targets import TargetHead
+
+
+class ParityError(AssertionError):
+    """The drafter rebuilt from an export does not reproduce the original drafter's logits."""
+
 
 Drafter = DSparkDrafter | Eagle3Drafter
 PARITY_ANCHORS = 6

@@ -1,4 +1,4 @@
-"""Check an exported directory against its engine's contract before anyone serves it.
+"""Check an exported directory against its engine's contract before anyone serves it; every exporter's last step.
 
 Engines fail quietly: SGLang's EAGLE3 loader skips tensors it does not know, vLLM aligns a pruned vocabulary
 to ids 0..N-1 when ``d2t`` is missing, a layer id in the wrong convention reads the neighbouring layer. The
@@ -20,9 +20,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
-from specdec.export.errors import ExportValidationError
-from specdec.export.files import CONFIG_FILE, PROVENANCE_FILE, read_config, read_provenance, read_tensors
+from specdec.export.conventions import cast_floats, target_max_positions
+from specdec.export.directory import (
+    CONFIG_FILE,
+    PROVENANCE_FILE,
+    ExportProvenance,
+    provenance_record,
+    read_config,
+    read_provenance,
+    read_tensors,
+    write_export,
+)
+from specdec.export.source import Drafter
+
+
+class ExportValidationError(ValueError):
+    """An exported directory breaks its engine's contract; ``problems`` lists every finding, each naming a file."""
+
+    def __init__(self, directory: str, problems: list[str]) -> None:
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"export at {directory} is invalid ({len(problems)} problem(s)):\n{lines}")
+        self.directory = directory
+        self.problems = problems
+
 
 WEIGHTS = "model.safetensors"
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -515,3 +537,32 @@ def validate_export(directory: str | Path, format_name: str | None = None) -> No
     problems = find_problems(directory, format_name)
     if problems:
         raise ExportValidationError(str(directory), problems)
+
+
+def write_validated_export(
+    output_dir: str | Path,
+    drafter: Drafter,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    format_name: str,
+    engine_layer_ids: dict[str, Any],
+    num_target_layers: int | None,
+    target_config: PretrainedConfig | None,
+    provenance: ExportProvenance | None,
+    dtype: torch.dtype,
+) -> Path:
+    """Write ``config`` and ``tensors`` (cast to ``dtype``) with their provenance, and validate the directory."""
+    record = provenance_record(
+        provenance,
+        format_name=format_name,
+        architecture=config["architectures"][0],
+        layer_ids=list(drafter.config.target_layer_ids),
+        engine_layer_ids=engine_layer_ids,
+        num_target_layers=num_target_layers,
+        drafter_config=drafter.config.to_dict(),
+        target_max_position_embeddings=target_max_positions(target_config),
+    )
+    write_export(output_dir, config, cast_floats(tensors, dtype), record)
+    validate_export(output_dir)
+    return Path(output_dir)

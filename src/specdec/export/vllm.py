@@ -15,19 +15,17 @@ import torch
 from transformers import PretrainedConfig
 
 from specdec.drafters import DSparkDrafter, Eagle3Drafter
-from specdec.export.config_fields import decoder_fields, num_target_layers
-from specdec.export.conventions import vllm_capture_ids
+from specdec.export.conventions import decoder_fields, drafter_weights, dtype_name, num_target_layers, vllm_capture_ids
+from specdec.export.directory import ExportProvenance
 from specdec.export.expressible import check_expressible
-from specdec.export.provenance import Provenance
 from specdec.export.source import Drafter, target_head_of
-from specdec.export.tensors import drafter_weights, dtype_name
-from specdec.export.writing import write_validated_export
+from specdec.export.validators import write_validated_export
 
 FORMAT = "vllm"
 SPECULATORS_VERSION = "0.3.0"
 
 
-def _verifier(provenance: Provenance | None, target_config: PretrainedConfig | None) -> dict[str, Any]:
+def _verifier(provenance: ExportProvenance | None, target_config: PretrainedConfig | None) -> dict[str, Any]:
     name = provenance.target if provenance is not None else None
     if name is None and target_config is not None:
         name = getattr(target_config, "_name_or_path", None) or None
@@ -134,7 +132,7 @@ def export_vllm(
     output_dir: str | Path,
     *,
     target_config: PretrainedConfig | None = None,
-    provenance: Provenance | None = None,
+    provenance: ExportProvenance | None = None,
     dtype: torch.dtype = torch.bfloat16,
     speculative_tokens: int | None = None,
 ) -> Path:
