@@ -10,11 +10,16 @@ import torch
 
 from specdec.data.cache.codecs import (
     CODECS,
+    DECODE_ROWS,
+    FP4_BLOCK,
+    FP4_MAX,
     FP8_MAX,
     HEADER_BYTES,
     CodecError,
     CodecSpec,
     decode_tensor,
+    decode_tensor_into,
+    decode_tensor_reference,
     encode_tensor,
     measure_codec_error,
     payload_bytes,
@@ -139,14 +144,16 @@ def test_codec_errors_on_tiny_target_features(tiny_features):
     """The measured error of each codec on real activations stays at its format's rounding level."""
     features, last_hidden = tiny_features
     hidden = last_hidden.shape[-1]
-    bounds = {"bf16": 3e-3, "fp16": 4e-4, "fp8_e4m3": 0.035}  # mean relative L2 per token
+    bounds = {"bf16": 3e-3, "fp16": 4e-4, "fp8_e4m3": 0.035, "fp4_e2m1": 0.12}  # mean relative L2 per token
+    # largest error relative to the tensor's peak: fp4's top binade steps from 4 to 6, half a step is 1/6 of a block
+    peak_bounds = {"fp4_e2m1": 1 / 6}
     for spec in ALL_SPECS:
         name = CodecSpec.parse(spec).name
         for x, group in ((features, hidden), (last_hidden, None)):
             stats = measure_codec_error(x, spec, scale_group=group)
             assert stats.rel_l2_mean < bounds[name], (spec, stats)
             assert stats.rel_l2_max < 1.5 * bounds[name], (spec, stats)
-            assert stats.max_abs_max < 0.07 * float(x.abs().max()), (spec, stats)
+            assert stats.max_abs_max < peak_bounds.get(name, 0.07) * float(x.abs().max()), (spec, stats)
     exact = features.to(torch.bfloat16)
     assert measure_codec_error(exact, "bf16").rel_l2_max == 0.0
     raw = measure_codec_error(features, "bf16").bytes_per_row
@@ -159,3 +166,65 @@ def test_fp8_saturation_bound():
     x = torch.tensor([[FP8_MAX * 3, -1.0, 0.5]])
     decoded = decode_tensor(encode_tensor(x, "fp8_e4m3"))
     assert torch.isfinite(decoded).all() and float(decoded[0, 0]) == pytest.approx(FP8_MAX * 3)
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_fast_decode_into_equals_the_plain_reference(spec):
+    """The chunked, lookup-table decoder agrees bit for bit with the plain reading of the documented layout."""
+    x = _random(DECODE_ROWS * 2 + 5, 96, seed=3)  # several decode chunks and a ragged last one
+    x[1] = 0.0
+    x[2, :32] *= 1e-7  # a quiet block next to loud ones
+    data = encode_tensor(x, spec, scale_group=None if spec.startswith("bf16") else 48)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        reference = decode_tensor_reference(data, dtype)
+        out = torch.full(tuple(x.shape), float("nan"), dtype=dtype)
+        decode_tensor_into(bytearray(data), out)  # a writable buffer, as the cache reader passes
+        bits = torch.int16 if dtype.itemsize == 2 else torch.int32
+        assert torch.equal(out.view(bits), reference.view(bits)), dtype
+        assert torch.equal(decode_tensor(data, dtype), out)
+    with pytest.raises(CodecError, match="destination"):
+        decode_tensor_into(data, torch.empty(3, 96))
+
+
+def test_fp4_layout_is_what_the_docs_say():
+    x = _random(3, 8, seed=4)
+    data = encode_tensor(x, "fp4_e2m1", scale_group=4)
+    magic, version, codec_id, flags, block, rows, cols, group = struct.unpack("<4sBBBBIII", data[:HEADER_BYTES])
+    assert (magic, version, codec_id, flags, block, rows, cols, group) == (b"SDCT", 1, 4, 0, 4, 3, 8, 4)
+    payload = data[HEADER_BYTES:]
+    assert len(payload) == payload_bytes("fp4_e2m1", 3, 8, 4) == 3 * 2 * 4 + 3 * 2 + 3 * 4
+    group_scales = np.frombuffer(payload[:24], dtype="<f4").reshape(3, 2)
+    block_scales = torch.frombuffer(bytearray(payload[24:30]), dtype=torch.float8_e4m3fn).float().numpy()
+    packed = np.frombuffer(payload[30:], dtype=np.uint8).reshape(3, 4)
+    nibbles = np.stack([packed & 15, packed >> 4], axis=-1).reshape(3, 8)
+    magnitude = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)[nibbles & 7]
+    values = np.where(nibbles & 8, -magnitude, magnitude)
+    scale = (block_scales.reshape(3, 2) * group_scales).astype(np.float32)
+    by_hand = values * np.repeat(scale, 4, axis=1)
+    assert np.array_equal(by_hand, decode_tensor(data).numpy())
+    assert read_header(data).block == 4
+
+
+def test_fp4_error_is_within_half_a_step_of_each_block():
+    small, large = _random(40, 64, seed=5) * 1e-3, _random(40, 64, seed=6) * 1e3
+    x = torch.cat([small, large], dim=-1)
+    x[7] = 0.0
+    decoded = decode_tensor(encode_tensor(x, "fp4_e2m1", scale_group=64))
+    blocks = x.reshape(40, -1, FP4_BLOCK)
+    error = (decoded.reshape(40, -1, FP4_BLOCK) - blocks).abs().amax(dim=-1)
+    # the widest E2M1 step is 4 → 6 (a third of the block maximum), plus e4m3's rounding of the block scale
+    assert bool((error <= blocks.abs().amax(dim=-1) / FP4_MAX * (1 + 2**-3)).all())
+    assert torch.equal(decoded[7], torch.zeros(128))
+    quiet = float(((decoded[:, :64] - small).norm(dim=-1) / small.norm(dim=-1)).mean())
+    assert quiet < 0.15  # the quiet layer keeps its own scales next to a loud one (one scale would zero it)
+    with pytest.raises(ValueError, match="not even"):
+        encode_tensor(torch.zeros(2, 5), "fp4_e2m1")
+
+
+def test_fp4_bytes_per_token_at_qwen3_4b_geometry():
+    """Features and last hidden state at 4 bits come to 0.53 bytes per value: a quarter of DeepSpec's bf16."""
+    hidden, layers = 2560, 5
+    features = payload_bytes("fp4_e2m1", 1, layers * hidden, hidden)
+    last = payload_bytes("fp4_e2m1", 1, hidden, hidden)
+    assert features == layers * hidden // 2 + layers * hidden // FP4_BLOCK + layers * 4 == 6820
+    assert last == 1364

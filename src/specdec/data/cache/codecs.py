@@ -1,4 +1,4 @@
-"""Codecs for the feature tensors of the target cache: bf16, fp16 and fp8 e4m3 with fp32 scales, optional zstd.
+"""Codecs for the feature tensors of the target cache: bf16, fp16, fp8 e4m3 and fp4 e2m1 with scales, optional zstd.
 
 The layer features dominate the cache (5/6 of DeepSpec's 30,726 B/token at Qwen3-4B), so their storage precision
 is the main size knob. Every encoded tensor is a 2-D ``[rows, cols]`` matrix (tokens × features) and carries a
@@ -9,12 +9,12 @@ offset type   meaning
 ====== ====== =========================================================================
 0      4s     magic ``b"SDCT"``
 4      u8     header version (1)
-5      u8     codec id: 1 = bf16, 2 = fp16, 3 = fp8_e4m3
+5      u8     codec id: 1 = bf16, 2 = fp16, 3 = fp8_e4m3, 4 = fp4_e2m1
 6      u8     flags: bit 0 = the payload after the header is one zstd frame
-7      u8     reserved (0)
+7      u8     block: columns sharing one e4m3 block scale (fp4 only; 0 otherwise)
 8      u32    rows
 12     u32    cols
-16     u32    scale group: columns sharing one fp32 scale (fp8 only; 0 otherwise)
+16     u32    scale group: columns sharing one fp32 scale (fp8 and fp4; 0 otherwise)
 ====== ====== =========================================================================
 
 Payload (after zstd decompression where flagged): bf16 / fp16 — ``rows·cols`` 2-byte values (bf16 as its raw
@@ -22,11 +22,22 @@ bit pattern), row-major. fp8_e4m3 — first the scales, ``rows · cols/group`` f
 ``rows·cols`` e4m3fn bytes; a value decodes as ``fp8 · scale`` of its (row, group). The scale of a group is its
 absolute maximum / 448 (the largest e4m3 value), so every token — and, with a group per layer, every layer of
 every token — uses the full fp8 range; an all-zero group stores scale 1.
+
+fp4_e2m1 — two scale levels, as in NVFP4 but with 32-column blocks: first the group scales, ``rows ·
+cols/group`` fp32 values; then one e4m3fn block scale per ``block`` columns, ``rows · cols/block`` bytes; then
+the values, two per byte (column ``2j`` in the low nibble, ``2j+1`` in the high one), each a standard E2M1 code
+(bit 3 sign, bits 0–2 index into ``0, 0.5, 1, 1.5, 2, 3, 4, 6``). A value decodes as
+``e2m1 · (e4m3 block scale · group scale)``, the parenthesis rounded to fp32 first. The block scale targets
+the block's absolute maximum / 6 and the group scale is the largest of those / 448. At Qwen3-4B geometry this is
+0.53 bytes per value; :mod:`benchmarks.fp4_block_size` measured the block size against the others at the same
+budget.
 """
 
 from __future__ import annotations
 
+import math
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +48,15 @@ HEADER_VERSION = 1
 HEADER = struct.Struct("<4sBBBBIII")
 HEADER_BYTES = HEADER.size
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+FP4_MAX = 6.0  # largest E2M1 magnitude
+FP4_BLOCK = 32  # columns per e4m3 block scale of fp4 (benchmarks/fp4_block_size.py)
 SCALE_BYTES = 4
 ZSTD_FLAG = 1
+DECODE_ROWS = 32  # rows dequantised per step: the fp32 working set stays in cache
 
-_CODEC_IDS = {"bf16": 1, "fp16": 2, "fp8_e4m3": 3}
+_CODEC_IDS = {"bf16": 1, "fp16": 2, "fp8_e4m3": 3, "fp4_e2m1": 4}
+_SCALED = ("fp8_e4m3", "fp4_e2m1")
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _CODEC_NAMES = {value: name for name, value in _CODEC_IDS.items()}
 CODECS = tuple(_CODEC_IDS)
 
@@ -89,19 +105,28 @@ class TensorHeader:
     rows: int
     cols: int
     scale_group: int
+    block: int = 0
 
     @property
     def raw_payload_bytes(self) -> int:
         """Payload size before zstd, as the header implies it."""
-        return payload_bytes(self.codec, self.rows, self.cols, self.scale_group)
+        return payload_bytes(self.codec, self.rows, self.cols, self.scale_group, self.block)
 
 
-def payload_bytes(codec: str, rows: int, cols: int, scale_group: int | None = None) -> int:
+def fp4_block(group: int) -> int:
+    """Columns per fp4 block scale inside a scale group of ``group`` columns: 32, or the group's largest divisor."""
+    return math.gcd(group, FP4_BLOCK) if group else FP4_BLOCK
+
+
+def payload_bytes(codec: str, rows: int, cols: int, scale_group: int | None = None, block: int | None = None) -> int:
     """Bytes of an uncompressed payload: what the size estimator and the decoder's length check rely on."""
+    group = scale_group or cols
+    groups_per_row = cols // group if cols else 0
     if codec == "fp8_e4m3":
-        group = scale_group or cols
-        groups_per_row = cols // group if cols else 0
         return rows * cols + rows * groups_per_row * SCALE_BYTES
+    if codec == "fp4_e2m1":
+        blocks_per_row = cols // (block or fp4_block(group)) if cols else 0
+        return rows * groups_per_row * SCALE_BYTES + rows * blocks_per_row + rows * cols // 2
     return rows * cols * 2
 
 
@@ -126,11 +151,13 @@ def _check_matrix(x: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_group(codec: str, cols: int, scale_group: int | None) -> int:
-    if codec != "fp8_e4m3":
+    if codec not in _SCALED:
         return 0
     group = scale_group or cols
     if cols and (group <= 0 or cols % group):
-        raise ValueError(f"fp8 scale group {group} does not divide the {cols} feature columns")
+        raise ValueError(f"{codec} scale group {group} does not divide the {cols} feature columns")
+    if codec == "fp4_e2m1" and cols % 2:
+        raise ValueError(f"fp4_e2m1 packs two values per byte: {cols} feature columns is not even")
     return group
 
 
@@ -144,6 +171,44 @@ def _fp8_encode(x: torch.Tensor, group: int) -> bytes:
     scaled = (grouped / scales.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
     codes = scaled.to(torch.float8_e4m3fn).reshape(rows, cols).view(torch.uint8)
     return scales.numpy().astype("<f4").tobytes() + codes.numpy().tobytes()
+
+
+def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 code (sign bit 3, magnitude index bits 0-2) of values already scaled into [-6, 6]."""
+    values = torch.tensor(E2M1_VALUES)
+    index = torch.bucketize(y.abs(), (values[1:] + values[:-1]) / 2).to(torch.uint8)
+    return index | ((y < 0) & (index > 0)).to(torch.uint8) << 3
+
+
+def _fp4_scales(grouped: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group scales [R, G], e4m3 block-scale codes [R, G, B/G] and the fp32 block scales they decode to."""
+    rows, groups, width = grouped.shape
+    amax = grouped.reshape(rows, groups, width // block, block).abs().amax(dim=-1)
+    wanted = amax / FP4_MAX
+    peak = wanted.amax(dim=-1)
+    group_scales = torch.where(peak > 0, peak / FP8_MAX, torch.ones_like(peak))
+    codes = (wanted / group_scales.unsqueeze(-1)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    return group_scales, codes, codes.float() * group_scales.unsqueeze(-1)
+
+
+def _fp4_encode(x: torch.Tensor, group: int) -> tuple[bytes, int]:
+    rows, cols = x.shape
+    block = fp4_block(group)
+    if rows == 0 or cols == 0:
+        return b"", block
+    grouped = x.float().reshape(rows, cols // group, group)
+    group_scales, block_codes, block_scales = _fp4_scales(grouped, block)
+    blocks = grouped.reshape(rows, -1, block)
+    divisor = block_scales.reshape(rows, -1, 1)
+    scaled = torch.where(divisor > 0, blocks / divisor.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    nibbles = _e2m1_codes(scaled.clamp(-FP4_MAX, FP4_MAX)).reshape(rows, cols)
+    packed = nibbles[:, 0::2] | nibbles[:, 1::2] << 4
+    payload = (
+        group_scales.numpy().astype("<f4").tobytes()
+        + block_codes.view(torch.uint8).numpy().tobytes()
+        + packed.numpy().tobytes()
+    )
+    return payload, block
 
 
 def encode_tensor(x: torch.Tensor, codec: CodecSpec | str = "bf16", scale_group: int | None = None) -> bytes:
@@ -164,13 +229,16 @@ def encode_tensor(x: torch.Tensor, codec: CodecSpec | str = "bf16", scale_group:
             peak = float(x.abs().max())
             raise ValueError(f"feature magnitude {peak:.4g} exceeds the fp16 range (65504); use bf16 or fp8_e4m3")
         payload = half.contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
-    else:
+    elif spec.name == "fp8_e4m3":
         payload = _fp8_encode(x, group)
+    else:
+        payload, block = _fp4_encode(x, group)
     flags = 0
     if spec.zstd:
         payload = _zstd().ZstdCompressor(level=spec.zstd_level).compress(payload)
         flags |= ZSTD_FLAG
-    header = HEADER.pack(MAGIC, HEADER_VERSION, _CODEC_IDS[spec.name], flags, 0, rows, cols, group)
+    block_byte = block if spec.name == "fp4_e2m1" else 0
+    header = HEADER.pack(MAGIC, HEADER_VERSION, _CODEC_IDS[spec.name], flags, block_byte, rows, cols, group)
     return header + payload
 
 
@@ -178,7 +246,7 @@ def read_header(data: bytes) -> TensorHeader:
     """Parse and check the header of an encoded tensor."""
     if len(data) < HEADER_BYTES:
         raise CodecError(f"encoded tensor is {len(data)} bytes, shorter than its {HEADER_BYTES}-byte header")
-    magic, version, codec_id, flags, _reserved, rows, cols, group = HEADER.unpack_from(data)
+    magic, version, codec_id, flags, block, rows, cols, group = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise CodecError(f"encoded tensor starts with {magic!r}, not the {MAGIC!r} magic")
     if version != HEADER_VERSION:
@@ -186,13 +254,40 @@ def read_header(data: bytes) -> TensorHeader:
     if codec_id not in _CODEC_NAMES:
         raise CodecError(f"encoded tensor names unknown codec id {codec_id}")
     codec = _CODEC_NAMES[codec_id]
-    if codec == "fp8_e4m3" and cols and (group <= 0 or cols % group):
-        raise CodecError(f"encoded fp8 tensor has scale group {group} that does not divide {cols} columns")
-    return TensorHeader(codec=codec, zstd=bool(flags & ZSTD_FLAG), rows=rows, cols=cols, scale_group=group)
+    if codec in _SCALED and cols and (group <= 0 or cols % group):
+        raise CodecError(f"encoded {codec} tensor has scale group {group} that does not divide {cols} columns")
+    if codec == "fp4_e2m1" and (block <= 0 or (cols and (group % block or cols % 2))):
+        raise CodecError(f"encoded fp4 tensor has block {block} that does not divide its scale group {group}")
+    return TensorHeader(codec=codec, zstd=bool(flags & ZSTD_FLAG), rows=rows, cols=cols, scale_group=group, block=block)
 
 
-def decode_tensor(data: bytes, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Decode bytes from :func:`encode_tensor` into a ``[rows, cols]`` tensor of ``dtype``."""
+def _view(payload: memoryview, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
+    """A tensor over ``payload`` without a copy (read only here; a bytes payload is not writable)."""
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+
+
+def _fp8_lookup() -> torch.Tensor:
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def _fp4_pair_lookup() -> torch.Tensor:
+    """fp32 values of both nibbles of every byte, ``[256, 2]`` (low nibble first)."""
+    magnitudes = torch.tensor(E2M1_VALUES)
+    nibble = torch.cat([magnitudes, -magnitudes])
+    codes = torch.arange(256)
+    return torch.stack([nibble[codes & 15], nibble[codes >> 4]], dim=-1)
+
+
+_FP8_LOOKUP = _fp8_lookup()
+_FP4_PAIRS = _fp4_pair_lookup()
+
+
+def payload_of(data: bytes | bytearray | memoryview) -> tuple[TensorHeader, memoryview]:
+    """The header and the raw (decompressed, length-checked) payload of an encoded tensor."""
     header = read_header(data)
     payload = memoryview(data)[HEADER_BYTES:]
     expected = header.raw_payload_bytes
@@ -202,26 +297,90 @@ def decode_tensor(data: bytes, dtype: torch.dtype = torch.float32) -> torch.Tens
             declared = zstandard.frame_content_size(payload)
             if declared not in (-1, expected):
                 raise CodecError(f"zstd frame declares {declared} bytes; the header implies {expected}")
-            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+            payload = memoryview(zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected))
         except zstandard.ZstdError as error:
             raise CodecError(f"zstd payload does not decompress: {error}") from error
     if len(payload) != expected:
         raise CodecError(
             f"{header.codec} payload is {len(payload)} bytes; a [{header.rows}, {header.cols}] tensor needs {expected}"
         )
+    return header, payload
+
+
+def decode_tensor_into(data: bytes | bytearray | memoryview, out: torch.Tensor) -> TensorHeader:
+    """Decode an encoded tensor straight into ``out`` (``[rows, cols]``, any float dtype), with no full copy.
+
+    Equal to :func:`decode_tensor` bit for bit: scaled values are computed in fp32 and rounded once to ``out``.
+    """
+    header, payload = payload_of(data)
     rows, cols = header.rows, header.cols
+    if tuple(out.shape) != (rows, cols):
+        raise CodecError(f"encoded tensor is [{rows}, {cols}]; the destination is {list(out.shape)}")
+    if rows == 0 or cols == 0:
+        return header
     if header.codec in ("bf16", "fp16"):
         storage = torch.bfloat16 if header.codec == "bf16" else torch.float16
-        values = torch.from_numpy(np.frombuffer(payload, dtype="<i2").copy()).view(storage).reshape(rows, cols)
-        return values.to(dtype)
+        out.copy_(_view(payload, torch.int16, rows * cols).view(storage).view(rows, cols))
+        return header
+    groups = cols // header.scale_group
+    group_scales = _view(payload, torch.float32, rows * groups).view(rows, groups, 1)
+    offset = rows * groups * SCALE_BYTES
+    if header.codec == "fp8_e4m3":
+        codes = _view(payload, torch.uint8, rows * cols, offset).view(rows, cols)
+        lookup, per_code, scales = _FP8_LOOKUP, 1, group_scales
+        width = header.scale_group
+    else:
+        blocks = cols // header.block
+        block_codes = _view(payload, torch.uint8, rows * blocks, offset).view(torch.float8_e4m3fn)
+        scales = (block_codes.float().view(rows, groups, -1) * group_scales).view(rows, blocks, 1)
+        codes = _view(payload, torch.uint8, rows * cols // 2, offset + rows * blocks).view(rows, cols // 2)
+        lookup, per_code, width = _FP4_PAIRS, 2, header.block
+    step = max(1, min(rows, DECODE_ROWS))
+    index = torch.empty(step * codes.shape[1], dtype=torch.int32)
+    values = torch.empty((step * codes.shape[1], per_code)[: 1 + (per_code > 1)])
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        count = (stop - start) * codes.shape[1]
+        chunk_index = index[:count]
+        chunk_index.copy_(codes[start:stop].reshape(-1))
+        chunk = torch.index_select(lookup, 0, chunk_index, out=values[:count]).view(stop - start, -1, width)
+        chunk.mul_(scales[start:stop])
+        out[start:stop].copy_(chunk.view(stop - start, cols))
+    return header
+
+
+def decode_tensor_reference(data: bytes | bytearray | memoryview, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The payload layout above read in the plainest way: what :func:`decode_tensor_into` must equal."""
+    header, payload = payload_of(data)
+    rows, cols, group = header.rows, header.cols, header.scale_group
+    raw = np.frombuffer(payload, dtype=np.uint8)
+    if header.codec in ("bf16", "fp16"):
+        storage = torch.bfloat16 if header.codec == "bf16" else torch.float16
+        return torch.from_numpy(raw.view("<i2").copy()).view(storage).reshape(rows, cols).to(dtype)
     if rows == 0 or cols == 0:
         return torch.zeros(rows, cols, dtype=dtype)
-    groups = cols // header.scale_group
-    scale_count = rows * groups
-    scales = torch.from_numpy(np.frombuffer(payload, dtype="<f4", count=scale_count).copy()).reshape(rows, groups, 1)
-    codes = np.frombuffer(payload, dtype=np.uint8, offset=scale_count * SCALE_BYTES).copy()
-    values = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().reshape(rows, groups, header.scale_group)
-    return (values * scales).reshape(rows, cols).to(dtype)
+    groups = cols // group
+    scales = torch.from_numpy(raw[: rows * groups * SCALE_BYTES].view("<f4").copy()).reshape(rows, groups, 1)
+    rest = raw[rows * groups * SCALE_BYTES :]
+    if header.codec == "fp8_e4m3":
+        values = torch.from_numpy(rest.copy()).view(torch.float8_e4m3fn).float().reshape(rows, groups, group)
+        return (values * scales).reshape(rows, cols).to(dtype)
+    blocks = cols // header.block
+    block_scales = torch.from_numpy(rest[: rows * blocks].copy()).view(torch.float8_e4m3fn).float()
+    block_scales = (block_scales.reshape(rows, groups, -1) * scales).reshape(rows, blocks, 1)
+    packed = torch.from_numpy(rest[rows * blocks :].copy()).long().reshape(rows, cols // 2)
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(rows, cols)
+    magnitude = torch.tensor(E2M1_VALUES)[nibbles & 7]
+    values = torch.where(nibbles >= 8, -magnitude, magnitude)
+    return (values.reshape(rows, blocks, header.block) * block_scales).reshape(rows, cols).to(dtype)
+
+
+def decode_tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode bytes from :func:`encode_tensor` into a new ``[rows, cols]`` tensor of ``dtype``."""
+    header = read_header(data)
+    out = torch.empty(header.rows, header.cols, dtype=dtype)
+    decode_tensor_into(data, out)
+    return out
 
 
 @dataclass(frozen=True)

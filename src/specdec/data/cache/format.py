@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from specdec.data.cache.codecs import CodecError, CodecSpec, decode_tensor, encode_tensor, read_header
+from specdec.data.cache.codecs import CodecError, CodecSpec, decode_tensor_into, encode_tensor, read_header
 from specdec.data.cache.manifest import TargetCacheError
 
 SAMPLE_FORMAT = "specdec-target-cache-sample"
@@ -91,7 +91,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _crc(data: bytes) -> int:
+def _crc(data: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
@@ -156,7 +156,10 @@ def encode_sample(
     return {"__key__": tar_key(key), **files}
 
 
-def _load_npy(data: bytes, name: str) -> np.ndarray:
+Buffer = bytes | bytearray | memoryview
+
+
+def _load_npy(data: Buffer, name: str) -> np.ndarray:
     try:
         return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -168,18 +171,34 @@ def _check(condition: bool, message: str) -> None:
         raise CacheSampleError(message)
 
 
-def decode_sample(
-    files: Mapping[str, bytes], expected: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32
-) -> dict[str, Any]:
-    """Decode one sample's files into dense tensors, checking them against its meta and ``expected``.
+@dataclass(frozen=True)
+class CheckedSample:
+    """One sample whose files passed every check (checksums, meta, shapes): what is left is decoding features."""
 
-    ``expected`` holds cache-wide facts (``layer_ids``, ``hidden_size``, ``codec``, ``zstd``) from the manifest.
-    The result has ``key``, ``source``, ``input_ids`` int64 [S], ``loss_mask`` bool [S],
-    ``target_hidden_states`` [S, L·H] and ``target_last_hidden_states`` [S, H], zero at unsupervised positions.
+    meta: dict[str, Any]
+    features_name: str
+    last_name: str
+    input_ids: torch.Tensor  # int64 [S]
+    loss_mask: torch.Tensor  # bool [S]
+
+    @property
+    def length(self) -> int:
+        return int(self.meta["length"])
+
+    @property
+    def width(self) -> int:
+        return len(self.meta["layer_ids"]) * int(self.meta["hidden_size"])
+
+
+def check_sample(files: Mapping[str, Buffer], expected: Mapping[str, Any] | None = None) -> CheckedSample:
+    """Check one sample's files against its meta and ``expected`` (cache-wide facts from the manifest).
+
+    Every file's CRC-32, the meta's fields, the token arrays and the feature headers are checked here, so that
+    decoding afterwards cannot produce a silently wrong tensor.
     """
     _check(META in files, f"sample has no {META} (files: {sorted(k for k in files if not k.startswith('__'))})")
     try:
-        meta = json.loads(files[META])
+        meta = json.loads(bytes(files[META]))
     except (ValueError, UnicodeDecodeError) as error:
         raise CacheSampleError(f"{META} is not valid JSON: {error}") from error
     _check(isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT, f"{META} is not a specdec cache sample")
@@ -209,7 +228,6 @@ def decode_sample(
     _check(loss_mask.shape == (length,), f"{LOSS_MASK} has shape {loss_mask.shape}; meta says ({length},)")
     mask = torch.from_numpy(loss_mask.astype(bool))
     _check(int(mask.sum()) == supervised, f"{LOSS_MASK} has {int(mask.sum())} supervised positions; meta {supervised}")
-
     try:
         for name, rows, cols in ((features_name, length, width), (last_name, supervised, hidden)):
             header = read_header(files[name])
@@ -218,17 +236,54 @@ def decode_sample(
                 f"{name} holds a [{header.rows}, {header.cols}] {header.codec} tensor (zstd={header.zstd}); "
                 f"meta says [{rows}, {cols}] {spec}",
             )
-        features = decode_tensor(files[features_name], dtype)
-        last_rows = decode_tensor(files[last_name], dtype)
     except CodecError as error:
         raise CacheSampleError(str(error)) from error
-    last_hidden = torch.zeros(length, hidden, dtype=dtype)
-    last_hidden[mask] = last_rows
+    return CheckedSample(meta, features_name, last_name, torch.from_numpy(input_ids.astype(np.int64)), mask)
+
+
+def decode_features_into(
+    files: Mapping[str, Buffer], checked: CheckedSample, features: torch.Tensor, last_hidden: torch.Tensor
+) -> None:
+    """Decode a checked sample's features into ``features`` [S, L·H] and ``last_hidden`` [S, H] (rows of a batch).
+
+    ``last_hidden`` is written at every position: the decoded rows where the loss mask is set, zero elsewhere.
+    """
+    try:
+        decode_tensor_into(files[checked.features_name], features)
+        if bool(checked.loss_mask.all()):
+            decode_tensor_into(files[checked.last_name], last_hidden)
+            return
+        positions = checked.loss_mask.nonzero().squeeze(1)
+        rows = torch.empty(positions.numel(), last_hidden.shape[-1], dtype=last_hidden.dtype)
+        decode_tensor_into(files[checked.last_name], rows)
+    except CodecError as error:
+        raise CacheSampleError(str(error)) from error
+    last_hidden.zero_()
+    last_hidden.index_copy_(0, positions, rows)
+
+
+def decode_checked_sample(files: Mapping[str, Buffer], checked: CheckedSample, dtype: torch.dtype) -> dict[str, Any]:
+    """The dense sample (see :func:`decode_sample`) of files that :func:`check_sample` accepted."""
+    features = torch.empty(checked.length, checked.width, dtype=dtype)
+    last_hidden = torch.empty(checked.length, int(checked.meta["hidden_size"]), dtype=dtype)
+    decode_features_into(files, checked, features, last_hidden)
     return {
-        "key": meta["key"],
-        "source": meta["source"],
-        "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
-        "loss_mask": mask,
+        "key": checked.meta["key"],
+        "source": checked.meta["source"],
+        "input_ids": checked.input_ids,
+        "loss_mask": checked.loss_mask,
         "target_hidden_states": features,
         "target_last_hidden_states": last_hidden,
     }
+
+
+def decode_sample(
+    files: Mapping[str, Buffer], expected: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Decode one sample's files into dense tensors, checking them against its meta and ``expected``.
+
+    ``expected`` holds cache-wide facts (``layer_ids``, ``hidden_size``, ``codec``, ``zstd``) from the manifest.
+    The result has ``key``, ``source``, ``input_ids`` int64 [S], ``loss_mask`` bool [S],
+    ``target_hidden_states`` [S, L·H] and ``target_last_hidden_states`` [S, H], zero at unsupervised positions.
+    """
+    return decode_checked_sample(files, check_sample(files, expected), dtype)

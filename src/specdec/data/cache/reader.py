@@ -9,6 +9,7 @@ never turns into a silently wrong sample.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +19,14 @@ from typing import Any, BinaryIO
 import torch
 from webdataset import gopen
 
-from specdec.data.cache.format import CacheSampleError, decode_sample, tar_key
+from specdec.data.cache.format import (
+    Buffer,
+    CacheSampleError,
+    CheckedSample,
+    check_sample,
+    decode_checked_sample,
+    tar_key,
+)
 from specdec.data.cache.manifest import (
     MANIFEST_NAME,
     ShardIntegrityError,
@@ -83,23 +91,40 @@ def open_shard(url: str) -> BinaryIO:
         raise ShardIntegrityError(f"target cache shard {url} cannot be opened: {error}") from error
 
 
-def iter_shard_files(stream: BinaryIO, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _mapped(stream: BinaryIO) -> memoryview | None:
+    """The whole shard as a read-only memory map when it is a local file, so members are views, not copies."""
+    if not getattr(stream, "seekable", lambda: False)():
+        return None
+    try:
+        fileno = stream.fileno()
+        if os.fstat(fileno).st_size == 0:
+            return None
+        return memoryview(mmap.mmap(fileno, 0, access=mmap.ACCESS_READ))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def iter_shard_files(stream: BinaryIO, url: str) -> Iterator[tuple[str, dict[str, Buffer]]]:
     """The raw samples of one tar shard in stored order: ``(tar key, {suffix: bytes})``, nothing decoded.
 
-    A truncated member, a repeated file or a stream that is not a tar raises :class:`ShardIntegrityError`.
+    A local file is memory-mapped and its members are returned as views of the map (the page cache, no copy);
+    a pipe or socket is read as a stream. A truncated member, a repeated file or a stream that is not a tar
+    raises :class:`ShardIntegrityError`.
     """
-    seekable = getattr(stream, "seekable", lambda: False)()
+    mapped = _mapped(stream)
     try:
-        # A seekable (local) file is read member by member in one call each; a pipe or socket as a stream.
-        with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as archive:
+        # A seekable (local) file is read header by header, skipping the data; a pipe or socket as a stream.
+        with tarfile.open(fileobj=stream, mode="r:" if mapped is not None else "r|") as archive:
             current: str | None = None
-            files: dict[str, bytes] = {}
+            files: dict[str, Buffer] = {}
             for member in archive:
                 if not member.isfile():
                     continue
                 key, suffix = _split_name(member.name)
-                handle = archive.extractfile(member)
-                data = handle.read()
+                if mapped is not None:
+                    data: Buffer = mapped[member.offset_data : member.offset_data + member.size]
+                else:
+                    data = archive.extractfile(member).read()
                 if len(data) != member.size:
                     raise ShardIntegrityError(f"target cache shard {url} is truncated inside {member.name}")
                 if key != current:
@@ -115,17 +140,26 @@ def iter_shard_files(stream: BinaryIO, url: str) -> Iterator[tuple[str, dict[str
         raise ShardIntegrityError(f"target cache shard {url} is truncated or not a tar file: {error}") from error
 
 
-def decode_shard_sample(
-    files: Mapping[str, bytes], key: str, url: str, expected: Mapping[str, Any], dtype: torch.dtype
-) -> dict[str, Any]:
-    """Decode one raw sample of shard ``url``; any inconsistency is a :class:`ShardIntegrityError` naming both."""
+def check_shard_sample(files: Mapping[str, Buffer], key: str, url: str, expected: Mapping[str, Any]) -> CheckedSample:
+    """Check one raw sample of shard ``url``; any inconsistency is a :class:`ShardIntegrityError` naming both."""
     try:
-        sample = decode_sample(files, expected, dtype)
+        checked = check_sample(files, expected)
     except CacheSampleError as error:
         raise ShardIntegrityError(f"target cache shard {url}, sample {key}: {error}") from error
-    if tar_key(sample["key"]) != key:
-        raise ShardIntegrityError(f"target cache shard {url}: sample {key} carries the meta of {sample['key']!r}")
-    return sample
+    if tar_key(checked.meta["key"]) != key:
+        raise ShardIntegrityError(f"target cache shard {url}: sample {key} carries the meta of {checked.meta['key']!r}")
+    return checked
+
+
+def decode_shard_sample(
+    files: Mapping[str, Buffer], key: str, url: str, expected: Mapping[str, Any], dtype: torch.dtype
+) -> dict[str, Any]:
+    """Decode one raw sample of shard ``url``; any inconsistency is a :class:`ShardIntegrityError` naming both."""
+    checked = check_shard_sample(files, key, url, expected)
+    try:
+        return decode_checked_sample(files, checked, dtype)
+    except CacheSampleError as error:
+        raise ShardIntegrityError(f"target cache shard {url}, sample {key}: {error}") from error
 
 
 def _iter_shard(

@@ -7,21 +7,27 @@ rank opens only the shards its range touches. The range is cut into per-worker b
 worker streams its block through a seeded shuffle buffer, decodes only the samples it yields, and pads them
 into batches. Shard integrity is checked as in :mod:`specdec.data.cache.reader`: CRC of every file, shapes
 against the manifest, and the sample count and key list of every shard read to its end.
+
+A batch is decoded straight from the shard's bytes (memory-mapped for local files) into its batch tensors, one
+write per value; inside a DataLoader worker those tensors are allocated in shared memory, so handing the batch
+to the training process moves a file descriptor, not the features.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import get_worker_info
 
-from specdec.data.batches import collate_target_samples
+from specdec.data.cache.format import Buffer, decode_features_into
 from specdec.data.cache.manifest import ShardIntegrityError, keys_digest
-from specdec.data.cache.reader import decode_shard_sample, iter_shard_files, open_shard
+from specdec.data.cache.reader import check_shard_sample, iter_shard_files, open_shard
 from specdec.data.resumable import EpochBatches, worker_batch_counts
 
 
@@ -134,7 +140,7 @@ class TargetCacheStream(EpochBatches):
             offset += count
         return spans
 
-    def _raw_samples(self, spans: Sequence[ShardSpan]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    def _raw_samples(self, spans: Sequence[ShardSpan]) -> Iterator[tuple[str, str, dict[str, Buffer]]]:
         for span in spans:
             whole = span.start == 0 and span.stop == span.entry["samples"]
             keys: list[str] = []
@@ -168,7 +174,7 @@ class TargetCacheStream(EpochBatches):
         rng = seeded_random(self.seed, self.epoch, self.rank, worker)
         raw = self._raw_samples(self.spans(self.epoch, start, stop))
         ordered = shuffle_buffer(raw, self.shuffle_buffer if self.shuffle else 1, rng)
-        batch: list[tuple[str, str, dict[str, bytes]]] = []
+        batch: list[tuple[str, str, dict[str, Buffer]]] = []
         index = 0
         for item in ordered:
             batch.append(item)
@@ -180,13 +186,58 @@ class TargetCacheStream(EpochBatches):
         if batch and not self.drop_last and index >= skip:
             yield self._collate(batch)
 
-    def _collate(self, raw: Sequence[tuple[str, str, dict[str, bytes]]]) -> dict[str, Any]:
-        samples = [decode_shard_sample(files, key, url, self.expected, self.dtype) for url, key, files in raw]
-        return collate_target_samples(samples, self.pad_token_id)
+    def _collate(self, raw: Sequence[tuple[str, str, dict[str, Buffer]]]) -> dict[str, Any]:
+        return decode_batch(raw, self.expected, self.dtype, self.pad_token_id)
 
 
-def _meta_key(files: Mapping[str, bytes], key: str, url: str) -> str:
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory when ``shared`` (the worker → trainer hand-off then copies nothing)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(max(1, math.prod(shape)) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def decode_batch(
+    raw: Sequence[tuple[str, str, Mapping[str, Buffer]]],
+    expected: Mapping[str, Any],
+    dtype: torch.dtype,
+    pad_token_id: int = 0,
+    shared: bool | None = None,
+) -> dict[str, Any]:
+    """Check and decode ``(url, tar key, files)`` samples into one right-padded batch (see :mod:`specdec.data.batches`).
+
+    Equal to decoding each sample and padding them with :func:`~specdec.data.batches.collate_target_samples`;
+    ``shared`` (default: inside a DataLoader worker) puts the feature tensors in shared memory.
+    """
+    if not raw:
+        raise ValueError("cannot collate an empty batch")
+    checked = [check_shard_sample(files, key, url, expected) for url, key, files in raw]
+    shared = get_worker_info() is not None if shared is None else shared
+    size, width = len(checked), max(sample.length for sample in checked)
+    hidden = int(checked[0].meta["hidden_size"])
+    batch: dict[str, Any] = {
+        "input_ids": torch.full((size, width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros(size, width, dtype=torch.long),
+        "loss_mask": torch.zeros(size, width, dtype=torch.bool),
+        "keys": [sample.meta["key"] for sample in checked],
+        "target_hidden_states": batch_tensor((size, width, checked[0].width), dtype, shared),
+        "target_last_hidden_states": batch_tensor((size, width, hidden), dtype, shared),
+    }
+    for row, (sample, (_, _, files)) in enumerate(zip(checked, raw, strict=True)):
+        length = sample.length
+        batch["input_ids"][row, :length] = sample.input_ids
+        batch["attention_mask"][row, :length] = 1
+        batch["loss_mask"][row, :length] = sample.loss_mask
+        features, last = batch["target_hidden_states"][row], batch["target_last_hidden_states"][row]
+        decode_features_into(files, sample, features[:length], last[:length])
+        features[length:].zero_()
+        last[length:].zero_()
+    return batch
+
+
+def _meta_key(files: Mapping[str, Buffer], key: str, url: str) -> str:
     try:
-        return json.loads(files["meta.json"])["key"]
+        return json.loads(bytes(files["meta.json"]))["key"]
     except (KeyError, ValueError, TypeError) as error:
         raise ShardIntegrityError(f"target cache shard {url}, sample {key}: unreadable meta.json: {error}") from error
