@@ -1,11 +1,14 @@
-"""Target-cache read rate through ``TargetCacheDataModule`` at Qwen3-4B geometry, per codec and worker count.
+"""Target-cache read rate through ``TargetCacheDataModule`` at Qwen3-4B geometry, per codec, sample length and workers.
 
-A cache of synthetic features (H = 2560, 5 captured layers, 512-token samples, 60 % supervised) is written per
-codec; each configuration then streams one epoch of micro-batches (decode, shuffle buffer, padding) and reports
-samples/s and tokens/s. The baseline of the same run is reading the same shards as raw tar members with plain
-``webdataset`` (no decoding): the ``vs_raw_tar`` ratio is the share of the disk/tar rate the DataModule keeps.
+For each sample length (512 and 1,024 tokens, the same number of tokens per cache) and each codec a cache of
+synthetic features (H = 2560, 5 captured layers, 60 % supervised) is written; each configuration then streams
+whole epochs of micro-batches (checksum, decode into bf16 batch tensors, shuffle buffer, padding, worker
+hand-off) and reports samples/s and tokens/s, the median of ``REPEATS`` epochs with the spread. The baseline of
+the same run is reading the same shards as raw tar members with plain ``webdataset`` (no checksum, no decoding):
+``vs_raw_tar`` is the share of the tar rate the DataModule keeps. ``bytes_per_token`` is the measured cache size
+over the tokens it stores; DeepSpec's layout stores 30,726 bytes/token at this geometry.
 
-Run: ``python benchmarks/datamodule_read.py`` (CPU, about two minutes; writes
+Run: ``python benchmarks/datamodule_read.py`` (CPU, about ten minutes; writes
 ``benchmarks/results/datamodule_read.json``).
 """
 
@@ -13,8 +16,11 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,43 +34,47 @@ from specdec.data.datamodules import TargetCacheDataModule
 
 RESULTS = Path(__file__).parent / "results" / "datamodule_read.json"
 HIDDEN, LAYER_IDS = 2560, (1, 9, 17, 25, 33)
-SAMPLES, TOKENS, SUPERVISED_FRACTION, BATCH_SIZE = 48, 512, 0.6, 4
-CODECS = ("bf16", "fp8_e4m3", "fp8_e4m3+zstd")
-WORKERS = (0, 2)
+TOKENS_PER_CACHE, SUPERVISED_FRACTION, BATCH_TOKENS = 49_152, 0.6, 2048
+SAMPLE_TOKENS = (512, 1024)
+CODECS = ("bf16", "fp8_e4m3", "fp8_e4m3+zstd", "fp4_e2m1")
+WORKERS = (0, 1, 2)
+REPEATS = 3
+DEEPSPEC_BYTES_PER_TOKEN = 30_726
 
 
-def synthetic_samples() -> list[CacheSample]:
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for index in range(SAMPLES):
-        loss_mask = torch.zeros(TOKENS, dtype=torch.bool)
-        loss_mask[int(TOKENS * (1 - SUPERVISED_FRACTION)) :] = True
-        samples.append(
-            CacheSample(
-                key=f"bench:{index}",
-                input_ids=torch.randint(0, 151_000, (TOKENS,), generator=generator),
-                loss_mask=loss_mask,
-                hidden_states=torch.randn(TOKENS, len(LAYER_IDS) * HIDDEN, generator=generator),
-                last_hidden_state=torch.randn(int(loss_mask.sum()), HIDDEN, generator=generator),
-            )
+def synthetic_samples(tokens: int) -> Iterator[CacheSample]:
+    """Seeded samples of ``tokens`` tokens, produced one at a time so the cache, not the inputs, fills memory."""
+    for index in range(TOKENS_PER_CACHE // tokens):
+        generator = torch.Generator().manual_seed(index)
+        loss_mask = torch.zeros(tokens, dtype=torch.bool)
+        loss_mask[int(tokens * (1 - SUPERVISED_FRACTION)) :] = True
+        yield CacheSample(
+            key=f"bench:{index}",
+            input_ids=torch.randint(0, 151_000, (tokens,), generator=generator),
+            loss_mask=loss_mask,
+            hidden_states=torch.randn(tokens, len(LAYER_IDS) * HIDDEN, generator=generator),
+            last_hidden_state=torch.randn(int(loss_mask.sum()), HIDDEN, generator=generator),
         )
-    return samples
 
 
-def write_cache(directory: Path, codec: str, samples: list[CacheSample]) -> int:
+def write_cache(directory: Path, codec: str, tokens: int) -> int:
     fingerprint = CacheFingerprint(
-        target="synthetic-qwen3-4b", layer_ids=LAYER_IDS, hidden_size=HIDDEN, max_length=TOKENS
+        target="synthetic-qwen3-4b", layer_ids=LAYER_IDS, hidden_size=HIDDEN, max_length=tokens
     )
-    writer = TargetCacheWriter(directory, fingerprint, codec, samples_per_shard=8)
-    build_cache(samples, writer, progress=False)
+    writer = TargetCacheWriter(directory, fingerprint, codec, samples_per_shard=max(1, 4096 // tokens))
+    build_cache(synthetic_samples(tokens), writer, progress=False)
     writer.finalize()
-    return sum(path.stat().st_size for path in directory.glob("*.tar"))
+    return sum(path.stat().st_size for path in directory.iterdir() if path.is_file())
 
 
-def timed(fn) -> tuple[float, int]:
-    started = time.perf_counter()
-    count = fn()
-    return time.perf_counter() - started, count
+def rates(epoch: Callable[[], int]) -> list[float]:
+    """Samples/s of ``REPEATS`` timed epochs."""
+    measured = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        count = epoch()
+        measured.append(count / (time.perf_counter() - started))
+    return measured
 
 
 def raw_tar_epoch(directory: Path) -> int:
@@ -72,8 +82,8 @@ def raw_tar_epoch(directory: Path) -> int:
     return sum(1 for _ in dataset)
 
 
-def datamodule_epoch(directory: Path, num_workers: int) -> int:
-    datamodule = TargetCacheDataModule(str(directory), batch_size=BATCH_SIZE, num_workers=num_workers)
+def datamodule_epoch(directory: Path, batch_size: int, num_workers: int) -> int:
+    datamodule = TargetCacheDataModule(str(directory), batch_size=batch_size, num_workers=num_workers)
     datamodule.setup("fit")
     count = 0
     for batch in datamodule.train_dataloader():
@@ -81,32 +91,47 @@ def datamodule_epoch(directory: Path, num_workers: int) -> int:
     return count
 
 
+def summary(samples_per_s: list[float], tokens: int) -> dict[str, float]:
+    median = statistics.median(samples_per_s)
+    return {
+        "samples_per_s": round(median, 1),
+        "tokens_per_s": round(median * tokens),
+        "spread": round((max(samples_per_s) - min(samples_per_s)) / median, 3),
+    }
+
+
 def main() -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    samples = synthetic_samples()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for codec in CODECS:
-            directory = Path(scratch) / codec.replace("+", "_")
-            size = write_cache(directory, codec, samples)
-            raw_tar_epoch(directory)  # warm the page cache so both readers see the same storage
-            raw_seconds, raw_count = timed(lambda d=directory: raw_tar_epoch(d))
-            for workers in WORKERS:
-                seconds, count = timed(lambda d=directory, w=workers: datamodule_epoch(d, w))
-                rows.append(
-                    {
-                        "codec": codec,
-                        "num_workers": workers,
-                        "cache_bytes": size,
-                        "samples": count,
-                        "seconds": round(seconds, 3),
-                        "samples_per_s": round(count / seconds, 1),
-                        "tokens_per_s": round(count * TOKENS / seconds),
-                        "raw_tar_samples_per_s": round(raw_count / raw_seconds, 1),
-                        "vs_raw_tar": round((count / seconds) / (raw_count / raw_seconds), 3),
-                    }
-                )
-                print(json.dumps(rows[-1]))
+        for tokens in SAMPLE_TOKENS:
+            for codec in CODECS:
+                directory = Path(scratch) / f"{codec.replace('+', '_')}_{tokens}"
+                size = write_cache(directory, codec, tokens)
+                raw_tar_epoch(directory)  # warm the page cache so both readers see the same storage
+                raw = summary(rates(lambda d=directory: raw_tar_epoch(d)), tokens)
+                batch_size = BATCH_TOKENS // tokens
+                for workers in WORKERS:
+                    read = summary(
+                        rates(lambda d=directory, b=batch_size, w=workers: datamodule_epoch(d, b, w)), tokens
+                    )
+                    rows.append(
+                        {
+                            "sample_tokens": tokens,
+                            "codec": codec,
+                            "num_workers": workers,
+                            "batch_size": batch_size,
+                            "cache_bytes": size,
+                            "bytes_per_token": round(size / TOKENS_PER_CACHE),
+                            "vs_deepspec_bytes": round(size / TOKENS_PER_CACHE / DEEPSPEC_BYTES_PER_TOKEN, 3),
+                            **read,
+                            "raw_tar_samples_per_s": raw["samples_per_s"],
+                            "raw_tar_spread": raw["spread"],
+                            "vs_raw_tar": round(read["samples_per_s"] / raw["samples_per_s"], 3),
+                        }
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
+                for path in directory.iterdir():
+                    path.unlink()
     result = {
         "benchmark": "datamodule_read",
         "command": "python benchmarks/datamodule_read.py",
@@ -117,9 +142,12 @@ def main() -> None:
             "cpu_threads": torch.get_num_threads(),
         },
         "geometry": {"hidden_size": HIDDEN, "layer_ids": list(LAYER_IDS)},
-        "sample_tokens": TOKENS,
+        "tokens_per_cache": TOKENS_PER_CACHE,
         "supervised_fraction": SUPERVISED_FRACTION,
-        "batch_size": BATCH_SIZE,
+        "batch_tokens": BATCH_TOKENS,
+        "feature_dtype": "bfloat16",
+        "repeats": REPEATS,
+        "deepspec_bytes_per_token": DEEPSPEC_BYTES_PER_TOKEN,
         "rows": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -128,4 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -488,3 +488,29 @@ def test_estimate_is_within_a_few_percent_of_a_real_cache(tmp_path, codec):
     )
     assert estimate.tokens == totals["tokens"] and estimate.num_shards == totals["shards"] == 3
     assert estimate.total_bytes == pytest.approx(totals["bytes"], rel=0.02)
+
+
+def documented_plain_decoder() -> dict:
+    """Execute the numpy decode recipe of docs/data.md (the block after its marker) and return its names."""
+    text = (ROOT / "docs" / "data.md").read_text()
+    block = text.split("<!-- plain-decode-recipe -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    names: dict = {}
+    exec(compile(block, "docs/data.md", "exec"), names)
+    return names
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp16", "fp8_e4m3", "fp4_e2m1", "fp8_e4m3+zstd", "fp4_e2m1+zstd"])
+def test_documented_plain_reader_decodes_every_codec_like_specdec(tmp_path, codec):
+    manifest = write_cache(tmp_path, count=6, codec=codec)
+    recipe = documented_plain_decoder()
+    specdec_samples = read_all(tmp_path, dtype=torch.float32)
+    urls = [str(tmp_path / shard["file"]) for shard in manifest["shards"]]
+    seen = 0
+    for key, input_ids, loss_mask, features, last in recipe["read_shards"](urls):
+        sample = next(s for s in specdec_samples.values() if tar_key(s["key"]) == key)
+        assert np.array_equal(input_ids, sample["input_ids"].numpy())
+        assert np.array_equal(loss_mask, sample["loss_mask"].numpy())
+        assert features.dtype == np.float32 and np.array_equal(features, sample["target_hidden_states"].numpy())
+        assert np.array_equal(last, sample["target_last_hidden_states"][sample["loss_mask"]].numpy())
+        seen += 1
+    assert seen == 6

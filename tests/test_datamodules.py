@@ -168,8 +168,21 @@ def test_every_rank_gets_the_same_number_of_disjoint_batches(cache_dir, world_si
 def test_real_worker_processes_yield_the_planned_order(cache_dir):
     dataset = stream(cache_dir, shuffle_buffer=4)
     dataset.set_epoch(3)
-    loaded = [batch["keys"] for batch in ResumableDataLoader(dataset, num_workers=2)]
-    assert loaded == [batch["keys"] for batch in worker_batches(dataset, 2)]
+    loaded = list(ResumableDataLoader(dataset, num_workers=2))
+    planned = worker_batches(dataset, 2)
+    assert [batch["keys"] for batch in loaded] == [batch["keys"] for batch in planned]
+    for got, want in zip(loaded, planned, strict=True):
+        assert torch.equal(got["target_hidden_states"], want["target_hidden_states"])
+        assert got["target_hidden_states"].is_shared()  # decoded into shared memory: the hand-off copies nothing
+    assert not planned[0]["target_hidden_states"].is_shared()
+
+
+def test_loader_options_prefetch_and_pinning(cache_dir):
+    default = TargetCacheDataModule(str(cache_dir), batch_size=4).train_dataloader()
+    assert not default.pin_memory  # no trainer on CUDA
+    module = TargetCacheDataModule(str(cache_dir), batch_size=4, num_workers=1, prefetch_factor=5, pin_memory=True)
+    loader = module.train_dataloader()
+    assert loader.prefetch_factor == 5 and loader.pin_memory
 
 
 def test_epochs_are_seeded(cache_dir):
@@ -277,7 +290,33 @@ def read_everything(cache):
     return [batch["keys"] for batch in dataset]
 
 
-def test_corrupted_shard_is_refused_naming_it(cache_dir, tmp_path):
+@pytest.fixture(scope="module")
+def fp4_cache_dir(tiny, conversations_file, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fp4_cache")
+    conversations = list(iter_training_conversations(conversations_file))
+    options = TokenizeOptions(max_length=96)
+    build_target_cache(
+        tiny, conversations, directory, LAYER_IDS, options, codec="fp4_e2m1", samples_per_shard=4, progress=False
+    )
+    return directory
+
+
+def test_fp4_cache_error_stays_within_the_documented_bound(tiny, fp4_cache_dir):
+    """fp4 e2m1 with two-level scales: at most ~12 % relative L2 per token (docs/data.md), never near exact."""
+    errors = []
+    for sample in iter_cache_samples(fp4_cache_dir):
+        hidden, _ = target_features(tiny, sample["input_ids"], LAYER_IDS)
+        for layer in range(len(LAYER_IDS)):
+            block = slice(layer * 256, (layer + 1) * 256)
+            exact, decoded = hidden[:, block], sample["target_hidden_states"][:, block]
+            errors.append(((decoded - exact).norm(dim=-1) / exact.norm(dim=-1)).max())
+    assert 0.02 < max(errors) < 0.15
+
+
+@pytest.mark.parametrize("cache", ["cache_dir", "fp4_cache_dir"])
+def test_corrupted_shard_is_refused_naming_it(cache, request, tmp_path):
+    cache_dir = request.getfixturevalue(cache)
+
     def flip(data):
         data[len(data) // 2] ^= 0x40
         return bytes(data)
@@ -286,7 +325,9 @@ def test_corrupted_shard_is_refused_naming_it(cache_dir, tmp_path):
         read_everything(damaged_copy(cache_dir, tmp_path, flip))
 
 
-def test_truncated_shard_is_refused_naming_it(cache_dir, tmp_path):
+@pytest.mark.parametrize("cache", ["cache_dir", "fp4_cache_dir"])
+def test_truncated_shard_is_refused_naming_it(cache, request, tmp_path):
+    cache_dir = request.getfixturevalue(cache)
     with pytest.raises(ShardIntegrityError, match=r"shard-r000-000001\.tar.*(truncated|ends after)"):
         read_everything(damaged_copy(cache_dir, tmp_path, lambda data: bytes(data[: len(data) // 2])))
 

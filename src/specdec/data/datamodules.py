@@ -83,7 +83,7 @@ class CacheBuildSpec:
         target: the target (default: the DataModule's ``target``, so it is stated once).
         layer_ids: target layer ids to capture (default: the DataModule's ``layer_ids``).
         max_length: tokens per sample (longer conversations are truncated).
-        codec: feature codec: ``bf16``, ``fp16``, ``fp8_e4m3``, each optionally with ``+zstd``.
+        codec: feature codec: ``bf16``, ``fp16``, ``fp8_e4m3`` or ``fp4_e2m1``, each optionally with ``+zstd``.
         samples_per_shard: samples per tar shard (default: 1 GiB shards).
         enable_thinking: the chat template's thinking switch.
         device: where the target runs (``auto``, ``cpu``, ``cuda``).
@@ -124,7 +124,11 @@ class TargetCacheDataModule(L.LightningDataModule):
         shuffle: draw a new shard order and sample order every epoch from ``seed``.
         seed: the shuffle seed; the same seed, world size and worker count give the same batches.
         shuffle_buffer: samples held by each worker's shuffle buffer.
-        num_workers: DataLoader worker processes per rank.
+        num_workers: DataLoader worker processes per rank; their batches sit in shared memory, so the hand-off to
+            the training process copies nothing.
+        prefetch_factor: batches each worker prepares ahead (DataLoader default when unset).
+        pin_memory: copy batches to page-locked memory for asynchronous host-to-GPU transfer; unset: when the
+            trainer runs on CUDA.
         feature_dtype: dtype of the decoded features (``bfloat16``, ``float16``, ``float32``).
         pad_token_id: the id written after a sequence's end (never attended to, never supervised).
         target: the target the cache was built from (checked against its manifest; ``build`` defaults to it).
@@ -143,6 +147,8 @@ class TargetCacheDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_buffer: int = 256,
         num_workers: int = 0,
+        prefetch_factor: int | None = None,
+        pin_memory: bool | None = None,
         feature_dtype: str = "bfloat16",
         pad_token_id: int = 0,
         target: str | None = None,
@@ -159,6 +165,8 @@ class TargetCacheDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
         self.dtype = dtype_named(feature_dtype)
         self.pad_token_id = pad_token_id
         self.target = target
@@ -251,14 +259,24 @@ class TargetCacheDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         if self.train_stream is None:
             self.setup("fit")
-        return ResumableDataLoader(self.train_stream, num_workers=self.num_workers)
+        return ResumableDataLoader(self.train_stream, **self._loader_options())
 
     def val_dataloader(self) -> ResumableDataLoader | list:
         if self.val_cache is None:
             return []
         if self.val_stream is None:
             self.setup("validate")
-        return ResumableDataLoader(self.val_stream, num_workers=self.num_workers)
+        return ResumableDataLoader(self.val_stream, **self._loader_options())
+
+    def _loader_options(self) -> dict[str, Any]:
+        pin = self.pin_memory
+        if pin is None:
+            trainer = self.trainer
+            pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        options: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": pin}
+        if self.num_workers > 0 and self.prefetch_factor is not None:
+            options["prefetch_factor"] = self.prefetch_factor
+        return options
 
     def test_dataloader(self):
         return _eval_prompts_loader(self)

@@ -79,7 +79,7 @@ def cache_build(
         layer_ids: target layer ids whose outputs are stored (e.g. the drafter config's target_layer_ids).
         target: ``specdec-tiny``, a local HF model directory, or a hub id.
         max_length: tokens per sample (longer conversations are truncated).
-        codec: feature codec: bf16, fp16 or fp8_e4m3, optionally with +zstd (e.g. fp8_e4m3+zstd).
+        codec: feature codec: bf16, fp16, fp8_e4m3 or fp4_e2m1, optionally with +zstd (e.g. fp8_e4m3+zstd).
         samples_per_shard: samples per tar shard.
         max_shard_bytes: bytes per tar shard (default 1 GiB when neither limit is given).
         enable_thinking: the chat template's thinking switch.

@@ -5,7 +5,8 @@ features (L·H values) and the bf16 final-normed last hidden state (H values) at
 for Qwen3-4B (H = 2560, L = 5) — plus a 56-byte index record per sample. specdec's layout
 (:mod:`specdec.data.cache.format`) drops the attention mask, keeps the last hidden state only at supervised
 positions, and adds per-sample container overhead (tar headers and padding, .npy and codec headers, meta.json)
-that is amortised here over the average sample length; fp8 adds one fp32 scale per token per layer.
+that is amortised here over the average sample length; fp8 adds one fp32 scale per token per layer, fp4 that
+scale plus one e4m3 byte per 32 values.
 """
 
 from __future__ import annotations
