@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,7 @@ def build_target_cache(
     summary = TokenizeSummary()
     samples = iter_target_samples(target, mine, fingerprint.layer_ids, options, skip_keys=done, summary=summary)
     report = build_cache(samples, writer, total=todo, progress=progress)
+    report = replace(report, skipped=report.skipped + len(mine) - todo)  # filtered out before the target ran
     manifest = None
     if finalize:
         _barrier(world_size)

@@ -21,12 +21,12 @@ def is_regenerated_file(path: str | os.PathLike[str]) -> bool:
     path = Path(path)
     if not path.is_file() or path.suffix != ".jsonl":
         return False
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:  # bytes: a bad byte further on is the importer's to count, not a crash here
         for line in handle:
             if line.strip():
                 try:
-                    record = json.loads(line)
-                except ValueError:
+                    record = json.loads(line.decode("utf-8"))
+                except ValueError:  # UnicodeDecodeError included
                     return False
                 return isinstance(record, dict) and "key" in record and "generation" in record
     return False
