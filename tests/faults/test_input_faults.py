@@ -38,7 +38,9 @@ def test_cache_build_counts_a_non_utf8_line_and_goes_on(tmp_path):
 
 def test_non_utf8_json_document_is_reported_with_its_line(tmp_path):
     data = tmp_path / "nu.json"
-    data.write_bytes(b'[\n{"messages":[{"role":"user","content":"a"}]},\n{"messages":[{"role":"user","content":"caf\xe9"}]}]')
+    data.write_bytes(
+        b'[\n{"messages":[{"role":"user","content":"a"}]},\n{"messages":[{"role":"user","content":"caf\xe9"}]}]'
+    )
     result = cache_build(data, tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert f"{data}, line 3: not UTF-8" in result.stdout + result.stderr
@@ -54,3 +56,42 @@ def test_rerun_reports_the_samples_already_stored(tiny, tmp_path):
     rerun = build_target_cache(tiny, conversations, tmp_path / "cache", [0, 2, 4], options, progress=False)
     assert (rerun.build.written, rerun.build.skipped) == (6, 5)
     assert rerun.manifest["totals"]["samples"] == 11
+
+
+class ObservedTokenizer:
+    """The tiny target's real tokenizer, recording the length of every text it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **options):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def long_record(characters: int) -> list[dict[str, str]]:
+    import inspect
+    import textwrap
+
+    source = inspect.getsource(textwrap)
+    body = (source * (characters // len(source) + 1))[:characters]
+    return [{"role": "user", "content": "Explain:\n" + body}, {"role": "assistant", "content": "It wraps text."}]
+
+
+def test_a_long_record_is_tokenised_only_as_far_as_max_length_needs(tiny):
+    from specdec.data.prompts.chat import tokenize_conversation
+
+    messages = long_record(200_000)
+    observed = ObservedTokenizer(tiny.tokenizer)
+    head = tokenize_conversation(observed, messages, 512)
+    assert max(observed.lengths) < 20_000  # the 200 k-character record was not tokenised whole
+    whole = tiny.tokenizer(head.text, add_special_tokens=False)["input_ids"]  # the plain path, for reference
+    assert head.input_ids.tolist() == whole[:512] and head.truncated
+    assert not head.loss_mask.any()  # the answer lies past max_length
+
+    huge = ObservedTokenizer(tiny.tokenizer)
+    tokenize_conversation(huge, long_record(10_000_000), 512)
+    assert max(huge.lengths) < 20_000

@@ -85,7 +85,7 @@ class TokenizedConversation:
     offsets: torch.Tensor  # int64 [S, 2]: each token's characters in ``text``
     text: str  # the full rendered text (before truncation)
     spans: tuple[Span, ...]  # supervised character spans of ``text``
-    num_tokens_untruncated: int
+    num_tokens_untruncated: int  # exact up to max_length + a margin; a longer text counts the tokens of its head
 
     @property
     def truncated(self) -> bool:
@@ -252,9 +252,7 @@ def tokenize_conversation(
         chat_template=chat_template,
         template_kwargs=template_kwargs,
     )
-    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
-    offsets = torch.tensor(encoding["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    input_ids, offsets = _tokenize_head(tokenizer, rendered.text, max_length)
     loss_mask = loss_mask_from_offsets(offsets, rendered.spans)
     return TokenizedConversation(
         input_ids=input_ids[:max_length],
@@ -264,6 +262,29 @@ def tokenize_conversation(
         spans=rendered.spans,
         num_tokens_untruncated=input_ids.numel(),
     )
+
+
+HEAD_MARGIN_TOKENS = 64  # tokens kept past max_length so that the cut cannot reach the tokens that are kept
+HEAD_CHARS_PER_TOKEN = 8  # first guess of the characters max_length tokens need; grown ×4 until enough
+
+
+def _tokenize_head(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and offsets of a prefix of ``text`` holding at least ``max_length`` + margin tokens (or all of it).
+
+    A 10 MB record truncated to 2,048 tokens is thus tokenised in kilobytes, not whole. Tokenisation is local:
+    cutting the text changes only the tokens next to the cut, which lie ``HEAD_MARGIN_TOKENS`` past the kept ones.
+    """
+    needed = max_length + HEAD_MARGIN_TOKENS
+    chars = needed * HEAD_CHARS_PER_TOKEN
+    while True:
+        head = text if chars >= len(text) else text[:chars]
+        encoding = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)
+        if head is text or len(encoding["input_ids"]) >= needed:
+            break
+        chars *= 4
+    input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
+    offsets = torch.tensor(encoding["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    return input_ids, offsets
 
 
 TOO_FEW_LOSS_TOKENS = "too_few_loss_tokens"

@@ -197,8 +197,12 @@ def _read_json_list(path: Path, summary: ImportSummary) -> Iterator[_Item]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        yield line, "line", InvalidConversation(
-            f"not UTF-8 ({error.reason}); the whole file is one JSON document", kind=MALFORMED_JSON
+        yield (
+            line,
+            "line",
+            InvalidConversation(
+                f"not UTF-8 ({error.reason}); the whole file is one JSON document", kind=MALFORMED_JSON
+            ),
         )
         return
     if not text.strip():
