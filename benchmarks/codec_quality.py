@@ -4,7 +4,9 @@ Each codec gets its own run of ``configs/quickstart.yaml`` (same seed, same step
 answers are regenerated once and copied into every run, so the three caches hold the same tokens and differ
 only in how the target's features are stored. Every run ends with the quickstart's held-out evaluation (the
 16 held-out prompts decoded against the target, greedily and at T = 1); its τ is read from the run's CSV log.
-Decoding does not read the cache, so the held-out figures compare the drafters alone.
+Decoding does not read the cache, so the held-out figures compare the drafters alone. The draft length is fixed
+(the drafter's block): the quickstart's default picks it from measured step costs, which would make τ depend on
+the machine's load rather than on the drafter.
 
 Run: ``python benchmarks/codec_quality.py [--work_dir DIR]`` (CPU, about 25 minutes; writes
 ``benchmarks/results/codec_quality.json``).
@@ -47,6 +49,7 @@ def fit(directory: Path, codec: str) -> dict[str, float]:
     command = [
         sys.executable, "-m", "specdec.cli", "fit", "--config", "configs/quickstart.yaml",
         "--data.init_args.build.codec", codec, "--data.init_args.val_build.codec", codec,
+        "--model.init_args.decoding.draft_length", "fixed",
     ]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(command, cwd=directory, check=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -130,8 +131,7 @@ def main() -> None:
                         }
                     )
                     print(json.dumps(rows[-1]), flush=True)
-                for path in directory.iterdir():
-                    path.unlink()
+                shutil.rmtree(directory)
     result = {
         "benchmark": "datamodule_read",
         "command": "python benchmarks/datamodule_read.py",
