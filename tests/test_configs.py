@@ -140,13 +140,18 @@ MOVED_CLASSES = {  # the checkpoint and global-batch callbacks moved to specdec.
     "specdec.lightning.GlobalBatchSize": "specdec.callbacks.GlobalBatchSize",
     "specdec.lightning.DrafterCheckpoint": "specdec.callbacks.DrafterCheckpoint",
 }
+NEW_DATA_OPTIONS = {  # DataModule options added since, at defaults that keep the old behaviour
+    "data.init_args.prefetch_factor": None,
+    "data.init_args.pin_memory": None,
+}
 OPTIONS = {"DSparkModule": DSparkOptions, "DFlashModule": DFlashOptions, "Eagle3Module": Eagle3Options}
 
 
 @pytest.mark.parametrize("name", sorted(RESOLVED_BEFORE), ids=str)
 def test_every_config_resolves_to_the_values_it_had_before_it_was_split(name):
     """Every value of the old resolved config is found again; the only new keys are the typed drafter's defaults
-    (which applied before too), the run name, and the DataModule's layer ids (linked into the model's)."""
+    (which applied before too), the run name, the DataModule's layer ids (linked into the model's) and its later
+    loader options at their defaults."""
     before = flat(RESOLVED_BEFORE[name])
     now = resolved_config(["--config", str(CONFIGS / f"{name}.yaml")])
     after = flat(now)
@@ -171,6 +176,8 @@ def test_every_config_resolves_to_the_values_it_had_before_it_was_split(name):
             assert after[key] == defaults[key], key
         elif key.startswith("data.init_args.layer_ids"):
             assert after[key] == after["model.init_args." + key.removeprefix("data.init_args.")], key
+        elif key in NEW_DATA_OPTIONS:
+            assert after[key] is NEW_DATA_OPTIONS[key], key
         else:
             assert key == "run_name" or (key.startswith("data.init_args.") and "build.layer_ids" in key), key
 

@@ -114,20 +114,25 @@ def test_cache_holds_the_targets_own_features(tiny, cache_dir, conversations_fil
         assert not sample["target_last_hidden_states"][~mask].any()
 
 
+def worst_layer_error(tiny, cache) -> float:
+    """The largest per-token relative L2 error of any captured layer's cached features against the target's."""
+    errors = []
+    for sample in iter_cache_samples(cache):
+        hidden, _ = target_features(tiny, sample["input_ids"], LAYER_IDS)
+        for layer in range(len(LAYER_IDS)):
+            block = slice(layer * 256, (layer + 1) * 256)
+            exact, decoded = hidden[:, block], sample["target_hidden_states"][:, block]
+            errors.append(float(((decoded - exact).norm(dim=-1) / exact.norm(dim=-1)).max()))
+    return max(errors)
+
+
 def test_fp8_cache_error_stays_within_the_documented_bound(tiny, conversations_file, tmp_path):
     """fp8 e4m3 with a per-token-per-layer scale: ~2.6 % relative L2 per token on the tiny target (docs/data.md)."""
     conversations = list(iter_training_conversations(conversations_file))[:6]
     build_target_cache(
         tiny, conversations, tmp_path, LAYER_IDS, TokenizeOptions(max_length=96), codec="fp8_e4m3", progress=False
     )
-    errors = []
-    for sample in iter_cache_samples(tmp_path):
-        hidden, _ = target_features(tiny, sample["input_ids"], LAYER_IDS)
-        for layer in range(len(LAYER_IDS)):
-            block = slice(layer * 256, (layer + 1) * 256)
-            exact, decoded = hidden[:, block], sample["target_hidden_states"][:, block]
-            errors.append(((decoded - exact).norm(dim=-1) / exact.norm(dim=-1)).max())
-    worst = max(errors)
+    worst = worst_layer_error(tiny, tmp_path)
     assert 0.005 < worst < 0.05
 
 
@@ -303,14 +308,7 @@ def fp4_cache_dir(tiny, conversations_file, tmp_path_factory):
 
 def test_fp4_cache_error_stays_within_the_documented_bound(tiny, fp4_cache_dir):
     """fp4 e2m1 with two-level scales: at most ~12 % relative L2 per token (docs/data.md), never near exact."""
-    errors = []
-    for sample in iter_cache_samples(fp4_cache_dir):
-        hidden, _ = target_features(tiny, sample["input_ids"], LAYER_IDS)
-        for layer in range(len(LAYER_IDS)):
-            block = slice(layer * 256, (layer + 1) * 256)
-            exact, decoded = hidden[:, block], sample["target_hidden_states"][:, block]
-            errors.append(((decoded - exact).norm(dim=-1) / exact.norm(dim=-1)).max())
-    assert 0.02 < max(errors) < 0.15
+    assert 0.02 < worst_layer_error(tiny, fp4_cache_dir) < 0.15
 
 
 @pytest.mark.parametrize("cache", ["cache_dir", "fp4_cache_dir"])
