@@ -21,27 +21,40 @@ import torch
 FEATURE_FIELDS = ("target_hidden_states", "target_last_hidden_states")
 
 
-def collate_target_samples(samples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
-    """Right-pad samples (each ``input_ids``/``loss_mask`` ``[S]`` and, when present, features ``[S, ·]``)."""
-    if not samples:
+def padded_token_batch(
+    keys: Sequence[str], input_ids: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor], pad_token_id: int = 0
+) -> dict[str, Any]:
+    """The token fields of a right-padded batch: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, S], ``keys``."""
+    if not input_ids:
         raise ValueError("cannot collate an empty batch")
-    lengths = [int(sample["input_ids"].shape[0]) for sample in samples]
-    size, width = len(samples), max(lengths)
+    lengths = [int(ids.shape[0]) for ids in input_ids]
+    size, width = len(lengths), max(lengths)
     batch: dict[str, Any] = {
         "input_ids": torch.full((size, width), pad_token_id, dtype=torch.long),
         "attention_mask": torch.zeros(size, width, dtype=torch.long),
         "loss_mask": torch.zeros(size, width, dtype=torch.bool),
-        "keys": [sample["key"] for sample in samples],
+        "keys": list(keys),
     }
+    for row, (ids, mask, length) in enumerate(zip(input_ids, loss_masks, lengths, strict=True)):
+        batch["input_ids"][row, :length] = ids
+        batch["attention_mask"][row, :length] = 1
+        batch["loss_mask"][row, :length] = mask
+    return batch
+
+
+def collate_target_samples(samples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Right-pad samples (each ``input_ids``/``loss_mask`` ``[S]`` and, when present, features ``[S, ·]``)."""
+    batch = padded_token_batch(
+        [sample["key"] for sample in samples],
+        [sample["input_ids"] for sample in samples],
+        [sample["loss_mask"] for sample in samples],
+        pad_token_id,
+    )
+    size, width = batch["input_ids"].shape
     for name in FEATURE_FIELDS:
         if name in samples[0]:
             first = samples[0][name]
             batch[name] = torch.zeros(size, width, first.shape[-1], dtype=first.dtype)
-    for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
-        batch["input_ids"][row, :length] = sample["input_ids"]
-        batch["attention_mask"][row, :length] = 1
-        batch["loss_mask"][row, :length] = sample["loss_mask"]
-        for name in FEATURE_FIELDS:
-            if name in batch:
-                batch[name][row, :length] = sample[name]
+            for row, sample in enumerate(samples):
+                batch[name][row, : sample[name].shape[0]] = sample[name]
     return batch

@@ -271,7 +271,8 @@ def _view(payload: memoryview, dtype: torch.dtype, count: int, offset: int = 0) 
 
 
 def _fp8_lookup() -> torch.Tensor:
-    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    """fp32 value of every e4m3 byte, ``[256, 1]`` (one value per code, as the fp4 table has two)."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().unsqueeze(1)
 
 
 def _fp4_pair_lookup() -> torch.Tensor:
@@ -327,17 +328,16 @@ def decode_tensor_into(data: bytes | bytearray | memoryview, out: torch.Tensor) 
     offset = rows * groups * SCALE_BYTES
     if header.codec == "fp8_e4m3":
         codes = _view(payload, torch.uint8, rows * cols, offset).view(rows, cols)
-        lookup, per_code, scales = _FP8_LOOKUP, 1, group_scales
-        width = header.scale_group
+        lookup, scales, width = _FP8_LOOKUP, group_scales, header.scale_group
     else:
         blocks = cols // header.block
         block_codes = _view(payload, torch.uint8, rows * blocks, offset).view(torch.float8_e4m3fn)
         scales = (block_codes.float().view(rows, groups, -1) * group_scales).view(rows, blocks, 1)
         codes = _view(payload, torch.uint8, rows * cols // 2, offset + rows * blocks).view(rows, cols // 2)
-        lookup, per_code, width = _FP4_PAIRS, 2, header.block
+        lookup, width = _FP4_PAIRS, header.block
     step = max(1, min(rows, DECODE_ROWS))
     index = torch.empty(step * codes.shape[1], dtype=torch.int32)
-    values = torch.empty((step * codes.shape[1], per_code)[: 1 + (per_code > 1)])
+    values = torch.empty(step * codes.shape[1], lookup.shape[1])  # values of each code byte
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         count = (stop - start) * codes.shape[1]

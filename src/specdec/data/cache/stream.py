@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
+from specdec.data.batches import padded_token_batch
 from specdec.data.cache.format import Buffer, decode_features_into
 from specdec.data.cache.manifest import ShardIntegrityError, keys_digest
 from specdec.data.cache.reader import check_shard_sample, iter_shard_files, open_shard
@@ -210,25 +211,20 @@ def decode_batch(
     Equal to decoding each sample and padding them with :func:`~specdec.data.batches.collate_target_samples`;
     ``shared`` (default: inside a DataLoader worker) puts the feature tensors in shared memory.
     """
-    if not raw:
-        raise ValueError("cannot collate an empty batch")
     checked = [check_shard_sample(files, key, url, expected) for url, key, files in raw]
     shared = get_worker_info() is not None if shared is None else shared
-    size, width = len(checked), max(sample.length for sample in checked)
+    batch = padded_token_batch(
+        [sample.meta["key"] for sample in checked],
+        [sample.input_ids for sample in checked],
+        [sample.loss_mask for sample in checked],
+        pad_token_id,
+    )
+    size, width = batch["input_ids"].shape
     hidden = int(checked[0].meta["hidden_size"])
-    batch: dict[str, Any] = {
-        "input_ids": torch.full((size, width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros(size, width, dtype=torch.long),
-        "loss_mask": torch.zeros(size, width, dtype=torch.bool),
-        "keys": [sample.meta["key"] for sample in checked],
-        "target_hidden_states": batch_tensor((size, width, checked[0].width), dtype, shared),
-        "target_last_hidden_states": batch_tensor((size, width, hidden), dtype, shared),
-    }
+    batch["target_hidden_states"] = batch_tensor((size, width, checked[0].width), dtype, shared)
+    batch["target_last_hidden_states"] = batch_tensor((size, width, hidden), dtype, shared)
     for row, (sample, (_, _, files)) in enumerate(zip(checked, raw, strict=True)):
         length = sample.length
-        batch["input_ids"][row, :length] = sample.input_ids
-        batch["attention_mask"][row, :length] = 1
-        batch["loss_mask"][row, :length] = sample.loss_mask
         features, last = batch["target_hidden_states"][row], batch["target_last_hidden_states"][row]
         decode_features_into(files, sample, features[:length], last[:length])
         features[length:].zero_()
