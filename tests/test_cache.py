@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,26 @@ def test_inconsistent_samples_are_refused():
         decode_sample({name: data for name, data in files.items() if name != "input_ids.npy"})
 
 
+
+def test_samples_written_with_crc32_checksums_still_read_and_are_checked():
+    """Sample version 1 stored CRC-32 per file; version 2 stores XXH3-64. Both are verified, neither mixed up."""
+    original = synthetic_sample(2)
+    files = encode_sample(original, "fp8_e4m3", LAYERS, HIDDEN)
+    meta = json.loads(files["meta.json"])
+    assert meta["version"] == 2 and set(meta["xxh3_64"]) == {n for n in files if n not in ("__key__", "meta.json")}
+    old = {**meta, "version": 1, "crc32": {name: zlib.crc32(files[name]) for name in meta["xxh3_64"]}}
+    del old["xxh3_64"]
+    old_files = {**files, "meta.json": json.dumps(old).encode()}
+    assert torch.equal(decode_sample(old_files)["target_hidden_states"], decode_sample(files)["target_hidden_states"])
+    flipped = bytearray(files["features.fp8_e4m3"])
+    flipped[HEADER_BYTES + 100] ^= 1
+    with pytest.raises(CacheSampleError, match=r"features\.fp8_e4m3 fails its CRC-32 check"):
+        decode_sample({**old_files, "features.fp8_e4m3": bytes(flipped)})
+    with pytest.raises(CacheSampleError, match=r"features\.fp8_e4m3 fails its XXH3-64 check"):
+        decode_sample({**files, "features.fp8_e4m3": bytes(flipped)})
+    with pytest.raises(CacheSampleError, match="lacks field"):  # a version-2 meta must carry XXH3 checksums
+        decode_sample({**files, "meta.json": json.dumps({**old, "version": 2}).encode()})
+
 # ------------------------------------------------------------------------------------- shards and plain readers
 def test_plain_webdataset_reads_the_shards(tmp_path):
     """No specdec code: WebDataset + numpy + the documented 20-byte codec header recover every sample."""
@@ -269,7 +290,7 @@ def test_reader_names_corrupted_and_truncated_shards(tmp_path):
         return data[: metas[-2].offset_data + 512]
 
     for edit, message in (
-        (flip_feature_byte, "fails its CRC-32 check"),
+        (flip_feature_byte, "fails its XXH3-64 check"),
         (cut_inside_member, "truncated"),
         (cut_between_samples, "holds 3 samples; the manifest records 4"),
     ):
@@ -280,7 +301,7 @@ def test_reader_names_corrupted_and_truncated_shards(tmp_path):
         with pytest.raises(ShardIntegrityError, match=first):
             verify_shard(cache / first, manifest["shards"][0])
     flipped = damaged(flip_feature_byte)
-    with pytest.raises(ShardIntegrityError, match="CRC-32"):
+    with pytest.raises(ShardIntegrityError, match="XXH3-64"):
         read_all([flipped / first])  # shard URLs without a manifest are still checked sample by sample
 
 

@@ -119,7 +119,7 @@ def cache_build(
 
 
 def cache_verify(cache: str) -> None:
-    """Read every sample of a target cache and check sizes, sha256, CRCs, shapes and key lists against the manifest.
+    """Read every sample of a target cache and check sizes, sha256, hashes, shapes and key lists against the manifest.
 
     Args:
         cache: the cache directory or its manifest.json URL.

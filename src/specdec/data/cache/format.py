@@ -8,8 +8,10 @@ One sample per conversation, all files sharing the tar key (a sanitised form of 
   by :mod:`specdec.data.cache.codecs`; fp8 keeps one scale per token per layer
 - ``<key>.last_hidden.<codec>`` — the final-normed last hidden state ``[T, H]`` at the ``T`` supervised positions
   only, in position order: the only rows training reads
-- ``<key>.meta.json`` — provenance key and source, lengths, codec, layer ids, hidden size and the CRC-32 of
-  every other file, so a flipped bit is caught before it becomes a silently wrong sample
+- ``<key>.meta.json`` — provenance key and source, lengths, codec, layer ids, hidden size and the XXH3-64 checksum
+  of every other file (``xxh3_64``: name → 16 hex digits), so a flipped bit is caught before it becomes a silently
+  wrong sample. XXH3 hashes at tens of GB/s where CRC-32 manages about 2.5; caches written with per-file CRC-32
+  (a ``crc32`` mapping) are still read and checked with it
 
 Unlike DeepSpec's layout there is no all-ones attention mask and no last hidden state at prompt positions.
 """
@@ -27,12 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from specdec.data.cache.codecs import CodecError, CodecSpec, decode_tensor_into, encode_tensor, read_header
 from specdec.data.cache.manifest import TargetCacheError
 
 SAMPLE_FORMAT = "specdec-target-cache-sample"
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2  # 2: XXH3-64 file checksums; 1 (still read): CRC-32
 INPUT_IDS = "input_ids.npy"
 LOSS_MASK = "loss_mask.npy"
 META = "meta.json"
@@ -42,7 +45,7 @@ TAR_BLOCK = 512
 MAX_KEY_CHARS = 48  # readable part of a tar key: with the hash and the longest suffix a name fits ustar's 100
 
 
-_META_FIELDS = ("key", "source", "length", "supervised", "codec", "zstd", "layer_ids", "hidden_size", "crc32")
+_META_FIELDS = ("key", "source", "length", "supervised", "codec", "zstd", "layer_ids", "hidden_size")
 
 
 class CacheSampleError(TargetCacheError):
@@ -91,8 +94,16 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _crc(data: bytes | bytearray | memoryview) -> int:
+def _xxh3(data: bytes | bytearray | memoryview) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def _crc32(data: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+# sample version → (meta.json field, the check's name in errors, checksum of a file's bytes)
+CHECKSUMS = {2: ("xxh3_64", "XXH3-64", _xxh3), 1: ("crc32", "CRC-32", _crc32)}
 
 
 def encode_sample(
@@ -150,7 +161,7 @@ def encode_sample(
         "zstd": spec.zstd,
         "layer_ids": list(layer_ids),
         "hidden_size": hidden_size,
-        "crc32": {name: _crc(data) for name, data in files.items()},
+        "xxh3_64": {name: _xxh3(data) for name, data in files.items()},  # CHECKSUMS[SAMPLE_VERSION]
     }
     files[META] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return {"__key__": tar_key(key), **files}
@@ -193,7 +204,7 @@ class CheckedSample:
 def check_sample(files: Mapping[str, Buffer], expected: Mapping[str, Any] | None = None) -> CheckedSample:
     """Check one sample's files against its meta and ``expected`` (cache-wide facts from the manifest).
 
-    Every file's CRC-32, the meta's fields, the token arrays and the feature headers are checked here, so that
+    Every file's checksum, the meta's fields, the token arrays and the feature headers are checked here, so that
     decoding afterwards cannot produce a silently wrong tensor.
     """
     _check(META in files, f"sample has no {META} (files: {sorted(k for k in files if not k.startswith('__'))})")
@@ -202,22 +213,24 @@ def check_sample(files: Mapping[str, Buffer], expected: Mapping[str, Any] | None
     except (ValueError, UnicodeDecodeError) as error:
         raise CacheSampleError(f"{META} is not valid JSON: {error}") from error
     _check(isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT, f"{META} is not a specdec cache sample")
-    _check(meta.get("version") == SAMPLE_VERSION, f"{META} has unsupported sample version {meta.get('version')!r}")
-    missing = [name for name in _META_FIELDS if name not in meta]
+    _check(meta.get("version") in CHECKSUMS, f"{META} has unsupported sample version {meta.get('version')!r}")
+    field_name, label, checksum = CHECKSUMS[meta["version"]]
+    missing = [name for name in (*_META_FIELDS, field_name) if name not in meta]
     _check(not missing, f"{META} lacks field(s) {', '.join(missing)}")
-    _check(isinstance(meta["crc32"], dict), f"{META} crc32 is not a file → checksum mapping")
-    for name, crc in meta["crc32"].items():
+    checksums = meta[field_name]
+    _check(isinstance(checksums, dict), f"{META} {field_name} is not a file → checksum mapping")
+    for name, value in checksums.items():
         _check(name in files, f"file {name} is missing")
-        _check(_crc(files[name]) == crc, f"file {name} fails its CRC-32 check: the shard is corrupted")
-    for field_name, value in (expected or {}).items():
+        _check(checksum(files[name]) == value, f"file {name} fails its {label} check: the shard is corrupted")
+    for expected_field, value in (expected or {}).items():
         _check(
-            meta.get(field_name) == value,
-            f"{META} {field_name} is {meta.get(field_name)!r}; the cache manifest says {value!r}",
+            meta.get(expected_field) == value,
+            f"{META} {expected_field} is {meta.get(expected_field)!r}; the cache manifest says {value!r}",
         )
     spec = CodecSpec(name=meta["codec"], zstd=meta["zstd"])
     features_name, _, last_name, _, _ = entry_names(spec)
     for name in (features_name, INPUT_IDS, last_name, LOSS_MASK):
-        _check(name in meta["crc32"], f"{META} does not cover file {name}")
+        _check(name in checksums, f"{META} does not cover file {name}")
     length, supervised, hidden = meta["length"], meta["supervised"], meta["hidden_size"]
     width = len(meta["layer_ids"]) * hidden
 

@@ -1,9 +1,9 @@
 """Reading the target cache: stream shards (local or any URL WebDataset opens) into dense training samples.
 
-Every sample is checked before it is yielded — CRC-32 of each file, decoded shapes against its meta and the
-manifest — and every shard is checked when it ends: sample count and key list against the manifest, and
-optionally size and sha256. A corrupted or truncated shard raises :class:`ShardIntegrityError` naming it; it
-never turns into a silently wrong sample.
+Every sample is checked before it is yielded — XXH3-64 of each file (CRC-32 in version-1 samples), decoded
+shapes against its meta and the manifest — and every shard is checked when it ends: sample count and key list
+against the manifest, and optionally size and sha256. A corrupted or truncated shard raises
+:class:`ShardIntegrityError` naming it; it never turns into a silently wrong sample.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ read as one global sample stream. Rank ``r`` takes the contiguous range ``[r·n,
 ``n = total // world_size`` (the remainder — fewer than ``world_size`` samples — is left out this epoch), so a
 rank opens only the shards its range touches. The range is cut into per-worker blocks of whole batches; each
 worker streams its block through a seeded shuffle buffer, decodes only the samples it yields, and pads them
-into batches. Shard integrity is checked as in :mod:`specdec.data.cache.reader`: CRC of every file, shapes
+into batches. Shard integrity is checked as in :mod:`specdec.data.cache.reader`: XXH3-64 of every file, shapes
 against the manifest, and the sample count and key list of every shard read to its end.
 
 A batch is decoded straight from the shard's bytes (memory-mapped for local files) into its batch tensors, one
