@@ -182,6 +182,9 @@ def test_fast_decode_into_equals_the_plain_reference(spec):
         bits = torch.int16 if dtype.itemsize == 2 else torch.int32
         assert torch.equal(out.view(bits), reference.view(bits)), dtype
         assert torch.equal(decode_tensor(data, dtype), out)
+        wide = torch.full((x.shape[0], 2 * x.shape[1]), float("nan"), dtype=dtype)
+        decode_tensor_into(data, wide[:, 1 : 1 + x.shape[1]])  # a destination whose rows are not contiguous
+        assert torch.equal(wide[:, 1 : 1 + x.shape[1]], out) and wide[:, 0].isnan().all()
     with pytest.raises(CodecError, match="destination"):
         decode_tensor_into(data, torch.empty(3, 96))
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from specdec.data.buffers import TICKET_KEY
 from specdec.data.cache.builder import TokenizeOptions, build_target_cache, target_features
 from specdec.data.cache.manifest import CacheMismatchError, ShardIntegrityError, read_manifest
 from specdec.data.cache.reader import iter_cache_samples
@@ -180,6 +181,63 @@ def test_real_worker_processes_yield_the_planned_order(cache_dir):
         assert torch.equal(got["target_hidden_states"], want["target_hidden_states"])
         assert got["target_hidden_states"].is_shared()  # decoded into shared memory: the hand-off copies nothing
     assert not planned[0]["target_hidden_states"].is_shared()
+
+
+def _snapshot(batch):
+    return {name: batch[name].clone() for name in FEATURES}
+
+
+def _assert_equal(batch, reference):
+    assert batch["keys"] == reference["keys"]
+    for name in FEATURES:
+        assert torch.equal(batch[name], reference[name]), name
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_held_batches_are_never_overwritten_and_released_memory_is_reused(cache_dir, num_workers):
+    dataset = stream(cache_dir, batch_size=2, shuffle_buffer=4)
+    loader = ResumableDataLoader(dataset, num_workers=num_workers, prefetch_factor=1 if num_workers else None)
+    held, pointers, count = [], set(), 0
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        planned = worker_batches(dataset, max(1, num_workers))
+        for index, batch in enumerate(loader):
+            assert TICKET_KEY not in batch
+            _assert_equal(batch, planned[index])
+            pointers.add(batch["target_hidden_states"].data_ptr())
+            count += 1
+            if index % 3 == 0:  # the consumer keeps some batches and lets the others go
+                held.append((batch, _snapshot(batch)))
+            del batch
+    for batch, snapshot in held:
+        for name in FEATURES:
+            assert torch.equal(batch[name], snapshot[name]), name
+    if num_workers == 0:
+        assert len(pointers) < count  # the same memory came back for later batches
+    else:
+        assert dataset.buffers.tickets_received > num_workers * (1 + 3)  # more pooled batches than there are slots
+
+
+def test_an_iteration_left_open_does_not_disturb_the_next_one(cache_dir):
+    """Both iterations' workers run at once; each must still yield exactly its planned batches."""
+    dataset = stream(cache_dir, batch_size=2, shuffle_buffer=4)
+    loader = ResumableDataLoader(dataset, num_workers=2, prefetch_factor=1)
+    loader.set_epoch(0)
+    old_plan = worker_batches(dataset, 2)
+    old = iter(loader)
+    old_batches = [next(old)]
+    loader.set_epoch(1)
+    new_plan = worker_batches(dataset, 2)
+    new_batches = []
+    for batch in loader:  # the old iteration's workers write their next batches while the new ones do
+        new_batches.append((batch, _snapshot(batch)))
+        old_batches.append(next(old, None))
+    for (batch, snapshot), reference in zip(new_batches, new_plan, strict=True):
+        _assert_equal(batch, reference)
+        _assert_equal(snapshot | {"keys": batch["keys"]}, reference)
+    for batch, reference in zip(old_batches, old_plan, strict=False):
+        if batch is not None:
+            _assert_equal(batch, reference)
 
 
 def test_loader_options_prefetch_and_pinning(cache_dir):

@@ -22,6 +22,8 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 
+from specdec.data.buffers import BatchBuffers
+
 
 class EpochBatches(IterableDataset, ABC):
     """Base of datasets that yield whole, pre-planned micro-batches of one rank for one epoch."""
@@ -33,6 +35,11 @@ class EpochBatches(IterableDataset, ABC):
         self.world_size = world_size
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already consumed (resume)
+        self.buffers: BatchBuffers | None = None  # recycled batch memory, when the subclass writes into it
+
+    def batch_nbytes(self) -> int:
+        """Bytes of the largest batch written into :attr:`buffers` (the size of a worker's slot)."""
+        return 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -130,9 +137,23 @@ class ResumableDataLoader(DataLoader):
         # A generator: nothing runs until the first batch is requested, after Lightning has called set_epoch.
         dataset: EpochBatches = self.dataset
         dataset.skip_batches = self._consumed = self._resume_position()
-        for batch in super().__iter__():
-            self._consumed += 1
-            yield batch
+        buffers = dataset.buffers
+        if buffers is None:
+            for batch in super().__iter__():
+                self._consumed += 1
+                yield batch
+            return
+        # Before super().__iter__ starts the workers: their shared slots and the board of free ones.
+        generation = buffers.prepare(self.num_workers, self.prefetch_factor, dataset.batch_nbytes())
+        exhausted = False
+        try:
+            for batch in super().__iter__():
+                self._consumed += 1
+                yield buffers.receive(batch)
+                buffers.release_unreferenced()  # the consumer asked for the next batch: it may have let go of some
+            exhausted = True
+        finally:
+            buffers.finish(generation, exhausted)
 
     def state_dict(self) -> dict[str, Any]:
         dataset: EpochBatches = self.dataset

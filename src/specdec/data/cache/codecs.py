@@ -271,8 +271,8 @@ def _view(payload: memoryview, dtype: torch.dtype, count: int, offset: int = 0) 
 
 
 def _fp8_lookup() -> torch.Tensor:
-    """fp32 value of every e4m3 byte, ``[256, 1]`` (one value per code, as the fp4 table has two)."""
-    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().unsqueeze(1)
+    """fp32 value of every e4m3 byte, ``[256]``."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 
 
 def _fp4_pair_lookup() -> torch.Tensor:
@@ -328,25 +328,54 @@ def decode_tensor_into(data: bytes | bytearray | memoryview, out: torch.Tensor) 
     offset = rows * groups * SCALE_BYTES
     if header.codec == "fp8_e4m3":
         codes = _view(payload, torch.uint8, rows * cols, offset).view(rows, cols)
-        lookup, scales, width = _FP8_LOOKUP, group_scales, header.scale_group
-    else:
-        blocks = cols // header.block
-        block_codes = _view(payload, torch.uint8, rows * blocks, offset).view(torch.float8_e4m3fn)
-        scales = (block_codes.float().view(rows, groups, -1) * group_scales).view(rows, blocks, 1)
-        codes = _view(payload, torch.uint8, rows * cols // 2, offset + rows * blocks).view(rows, cols // 2)
-        lookup, width = _FP4_PAIRS, header.block
+        _decode_fp8_rows(codes, group_scales, header.scale_group, out)
+        return header
+    blocks = cols // header.block
+    block_codes = _view(payload, torch.uint8, rows * blocks, offset).view(torch.float8_e4m3fn)
+    scales = (block_codes.float().view(rows, groups, -1) * group_scales).view(rows, blocks, 1)
+    codes = _view(payload, torch.uint8, rows * cols // 2, offset + rows * blocks).view(rows, cols // 2)
     step = max(1, min(rows, DECODE_ROWS))
     index = torch.empty(step * codes.shape[1], dtype=torch.int32)
-    values = torch.empty(step * codes.shape[1], lookup.shape[1])  # values of each code byte
+    values = torch.empty(step * codes.shape[1], 2)  # values of both nibbles of each code byte
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         count = (stop - start) * codes.shape[1]
         chunk_index = index[:count]
         chunk_index.copy_(codes[start:stop].reshape(-1))
-        chunk = torch.index_select(lookup, 0, chunk_index, out=values[:count]).view(stop - start, -1, width)
+        chunk = torch.index_select(_FP4_PAIRS, 0, chunk_index, out=values[:count]).view(stop - start, -1, header.block)
         chunk.mul_(scales[start:stop])
         out[start:stop].copy_(chunk.view(stop - start, cols))
     return header
+
+
+def _decode_fp8_rows(codes: torch.Tensor, scales: torch.Tensor, group: int, out: torch.Tensor) -> None:
+    """Dequantise fp8 codes ``[rows, cols]`` with their group scales ``[rows, groups, 1]`` into ``out``.
+
+    One lookup per value: for each chunk of rows a table holds every code's value already scaled by its (row,
+    group) scale and rounded to ``out``'s dtype — the same fp32 product, rounded once, as the reference — and the
+    code plus 256 × its (row, group) position indexes it, written straight into ``out`` when it is contiguous.
+    """
+    rows, cols = codes.shape
+    groups = cols // group
+    step = max(1, min(rows, DECODE_ROWS))
+    unit = torch.arange(step * groups, dtype=torch.int32).mul_(256).view(step, groups, 1)
+    position = unit.expand(step, groups, group).reshape(step, cols)  # 256 × (row · groups + group) of each value
+    index = torch.empty(step, cols, dtype=torch.int32)
+    products = torch.empty(step, groups, 256)  # fp32 code value × scale
+    table = products if out.dtype == torch.float32 else torch.empty(step, groups, 256, dtype=out.dtype)
+    direct = out.is_contiguous()
+    staging = None if direct else torch.empty(step, cols, dtype=out.dtype)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        n = stop - start
+        torch.mul(scales[start:stop], _FP8_LOOKUP, out=products[:n])
+        if table is not products:
+            table[:n].copy_(products[:n])
+        index[:n].copy_(codes[start:stop]).add_(position[:n])  # two same-dtype passes beat one mixed-dtype add
+        target = out[start:stop] if direct else staging[:n]
+        torch.index_select(table[:n].view(-1), 0, index[:n].view(-1), out=target.view(-1))
+        if not direct:
+            out[start:stop].copy_(target)
 
 
 def decode_tensor_reference(data: bytes | bytearray | memoryview, dtype: torch.dtype = torch.float32) -> torch.Tensor:

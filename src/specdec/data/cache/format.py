@@ -261,18 +261,24 @@ def decode_features_into(
 
     ``last_hidden`` is written at every position: the decoded rows where the loss mask is set, zero elsewhere.
     """
+    positions = checked.loss_mask.nonzero().squeeze(1)
+    first, count = (int(positions[0]), positions.numel()) if positions.numel() else (0, 0)
+    contiguous = count == 0 or int(positions[-1]) - first + 1 == count  # one supervised span: decode in place
     try:
         decode_tensor_into(files[checked.features_name], features)
-        if bool(checked.loss_mask.all()):
-            decode_tensor_into(files[checked.last_name], last_hidden)
-            return
-        positions = checked.loss_mask.nonzero().squeeze(1)
-        rows = torch.empty(positions.numel(), last_hidden.shape[-1], dtype=last_hidden.dtype)
-        decode_tensor_into(files[checked.last_name], rows)
+        if contiguous:
+            decode_tensor_into(files[checked.last_name], last_hidden[first : first + count])
+        else:
+            rows = torch.empty(count, last_hidden.shape[-1], dtype=last_hidden.dtype)
+            decode_tensor_into(files[checked.last_name], rows)
     except CodecError as error:
         raise CacheSampleError(str(error)) from error
-    last_hidden.zero_()
-    last_hidden.index_copy_(0, positions, rows)
+    if contiguous:
+        last_hidden[:first].zero_()
+        last_hidden[first + count :].zero_()
+    else:
+        last_hidden.zero_()
+        last_hidden.index_copy_(0, positions, rows)
 
 
 def decode_checked_sample(files: Mapping[str, Buffer], checked: CheckedSample, dtype: torch.dtype) -> dict[str, Any]:

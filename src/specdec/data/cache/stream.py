@@ -10,13 +10,15 @@ against the manifest, and the sample count and key list of every shard read to i
 
 A batch is decoded straight from the shard's bytes (memory-mapped for local files) into its batch tensors, one
 write per value; inside a DataLoader worker those tensors are allocated in shared memory, so handing the batch
-to the training process moves a file descriptor, not the features.
+to the training process moves a file descriptor, not the features. The tensors' memory is recycled
+(:mod:`specdec.data.buffers`) once nothing holds the batch, so pages are not zero-filled anew for every batch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from specdec.data.batches import padded_token_batch
+from specdec.data.buffers import TICKET_KEY, BatchBuffers, new_storage, tensors_on
 from specdec.data.cache.format import Buffer, decode_features_into
 from specdec.data.cache.manifest import ShardIntegrityError, keys_digest
 from specdec.data.cache.reader import check_shard_sample, iter_shard_files, open_shard
@@ -94,6 +97,7 @@ class TargetCacheStream(EpochBatches):
             self.shards.append((url, entry))
         fingerprint = manifest["fingerprint"]
         self.expected = {name: fingerprint[name] for name in ("layer_ids", "hidden_size", "codec", "zstd")}
+        self.max_length = int(fingerprint["max_length"])
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -101,6 +105,7 @@ class TargetCacheStream(EpochBatches):
         self.drop_last = drop_last
         self.dtype = dtype
         self.pad_token_id = pad_token_id
+        self.buffers = BatchBuffers()
         self.total_samples = sum(entry["samples"] for _, entry in self.shards)
         self.rank_samples = self.total_samples // world_size
         if self.num_batches() == 0:
@@ -108,6 +113,11 @@ class TargetCacheStream(EpochBatches):
                 f"the target cache holds {self.total_samples} samples: too few for {world_size} rank(s) × "
                 f"batch size {batch_size}{' with drop_last' if drop_last else ''}"
             )
+
+    def batch_nbytes(self) -> int:
+        hidden = int(self.expected["hidden_size"])
+        width = len(self.expected["layer_ids"]) * hidden
+        return self.batch_size * self.max_length * (width + hidden) * self.dtype.itemsize
 
     def num_batches(self) -> int:
         if self.drop_last:
@@ -171,6 +181,9 @@ class TargetCacheStream(EpochBatches):
                 raise ShardIntegrityError(f"target cache shard {span.url} holds other samples than its manifest entry")
 
     def iter_worker(self, worker: int, num_workers: int, skip: int) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None:  # DataLoader leaves each worker one thread; the workers share the cores between them
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // info.num_workers))
         start, stop = self.worker_range(worker, num_workers)
         rng = seeded_random(self.seed, self.epoch, self.rank, worker)
         raw = self._raw_samples(self.spans(self.epoch, start, stop))
@@ -188,15 +201,7 @@ class TargetCacheStream(EpochBatches):
             yield self._collate(batch)
 
     def _collate(self, raw: Sequence[tuple[str, str, dict[str, Buffer]]]) -> dict[str, Any]:
-        return decode_batch(raw, self.expected, self.dtype, self.pad_token_id)
-
-
-def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor; in shared memory when ``shared`` (the worker → trainer hand-off then copies nothing)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(max(1, math.prod(shape)) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        return decode_batch(raw, self.expected, self.dtype, self.pad_token_id, buffers=self.buffers)
 
 
 def decode_batch(
@@ -205,14 +210,15 @@ def decode_batch(
     dtype: torch.dtype,
     pad_token_id: int = 0,
     shared: bool | None = None,
+    buffers: BatchBuffers | None = None,
 ) -> dict[str, Any]:
     """Check and decode ``(url, tar key, files)`` samples into one right-padded batch (see :mod:`specdec.data.batches`).
 
     Equal to decoding each sample and padding them with :func:`~specdec.data.batches.collate_target_samples`;
-    ``shared`` (default: inside a DataLoader worker) puts the feature tensors in shared memory.
+    ``shared`` (default: inside a DataLoader worker) puts the feature tensors in shared memory; with ``buffers``
+    they are written into a recycled buffer of that pool.
     """
     checked = [check_shard_sample(files, key, url, expected) for url, key, files in raw]
-    shared = get_worker_info() is not None if shared is None else shared
     batch = padded_token_batch(
         [sample.meta["key"] for sample in checked],
         [sample.input_ids for sample in checked],
@@ -221,8 +227,13 @@ def decode_batch(
     )
     size, width = batch["input_ids"].shape
     hidden = int(checked[0].meta["hidden_size"])
-    batch["target_hidden_states"] = batch_tensor((size, width, checked[0].width), dtype, shared)
-    batch["target_last_hidden_states"] = batch_tensor((size, width, hidden), dtype, shared)
+    shapes = (size, width, checked[0].width), (size, width, hidden)
+    nbytes = sum(math.prod(shape) for shape in shapes) * dtype.itemsize
+    shared = get_worker_info() is not None if shared is None else shared
+    storage, ticket = buffers.storage(nbytes, shared) if buffers is not None else (new_storage(nbytes, shared), None)
+    batch["target_hidden_states"], batch["target_last_hidden_states"] = tensors_on(storage, dtype, *shapes)
+    if ticket is not None:
+        batch[TICKET_KEY] = (*ticket, "target_hidden_states")
     for row, (sample, (_, _, files)) in enumerate(zip(checked, raw, strict=True)):
         length = sample.length
         features, last = batch["target_hidden_states"][row], batch["target_last_hidden_states"][row]
