@@ -171,7 +171,6 @@ def test_inconsistent_samples_are_refused():
         decode_sample({name: data for name, data in files.items() if name != "input_ids.npy"})
 
 
-
 def test_samples_written_with_crc32_checksums_still_read_and_are_checked():
     """Sample version 1 stored CRC-32 per file; version 2 stores XXH3-64. Both are verified, neither mixed up."""
     original = synthetic_sample(2)
@@ -190,6 +189,7 @@ def test_samples_written_with_crc32_checksums_still_read_and_are_checked():
         decode_sample({**files, "features.fp8_e4m3": bytes(flipped)})
     with pytest.raises(CacheSampleError, match="lacks field"):  # a version-2 meta must carry XXH3 checksums
         decode_sample({**files, "meta.json": json.dumps({**old, "version": 2}).encode()})
+
 
 # ------------------------------------------------------------------------------------- shards and plain readers
 def test_plain_webdataset_reads_the_shards(tmp_path):

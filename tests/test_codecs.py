@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from specdec.data.cache import codecs
 from specdec.data.cache.codecs import (
     CODECS,
     DECODE_ROWS,
@@ -168,9 +169,13 @@ def test_fp8_saturation_bound():
     assert torch.isfinite(decoded).all() and float(decoded[0, 0]) == pytest.approx(FP8_MAX * 3)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
 @pytest.mark.parametrize("spec", ALL_SPECS)
-def test_fast_decode_into_equals_the_plain_reference(spec):
-    """The chunked, lookup-table decoder agrees bit for bit with the plain reading of the documented layout."""
+def test_fast_decode_into_equals_the_plain_reference(spec, compiled, monkeypatch):
+    """Both fast decoders — the numba kernels and the chunked PyTorch lookup — agree bit for bit with the plain
+    reading of the documented layout, for every output dtype and for destinations whose rows are not contiguous."""
+    monkeypatch.setattr(codecs, "USE_COMPILED_KERNELS", compiled)
+    assert (codecs.compiled_kernels() is not None) == compiled  # numba is a dependency: its path must be the one run
     x = _random(DECODE_ROWS * 2 + 5, 96, seed=3)  # several decode chunks and a ragged last one
     x[1] = 0.0
     x[2, :32] *= 1e-7  # a quiet block next to loud ones

@@ -21,20 +21,31 @@ import torch
 FEATURE_FIELDS = ("target_hidden_states", "target_last_hidden_states")
 
 
+TOKEN_FIELDS = {"input_ids": torch.long, "attention_mask": torch.long, "loss_mask": torch.bool}
+
+
 def padded_token_batch(
-    keys: Sequence[str], input_ids: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor], pad_token_id: int = 0
+    keys: Sequence[str],
+    input_ids: Sequence[torch.Tensor],
+    loss_masks: Sequence[torch.Tensor],
+    pad_token_id: int = 0,
+    out: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """The token fields of a right-padded batch: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, S], ``keys``."""
+    """The token fields of a right-padded batch: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, S], ``keys``.
+
+    ``out`` holds preallocated ``[B, S]`` tensors of :data:`TOKEN_FIELDS` to fill instead of new ones.
+    """
     if not input_ids:
         raise ValueError("cannot collate an empty batch")
     lengths = [int(ids.shape[0]) for ids in input_ids]
     size, width = len(lengths), max(lengths)
-    batch: dict[str, Any] = {
-        "input_ids": torch.full((size, width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros(size, width, dtype=torch.long),
-        "loss_mask": torch.zeros(size, width, dtype=torch.bool),
-        "keys": list(keys),
-    }
+    if out is None:
+        out = {name: torch.empty(size, width, dtype=dtype) for name, dtype in TOKEN_FIELDS.items()}
+    batch: dict[str, Any] = {name: out[name] for name in TOKEN_FIELDS}
+    batch["input_ids"].fill_(pad_token_id)
+    batch["attention_mask"].zero_()
+    batch["loss_mask"].zero_()
+    batch["keys"] = list(keys)
     for row, (ids, mask, length) in enumerate(zip(input_ids, loss_masks, lengths, strict=True)):
         batch["input_ids"][row, :length] = ids
         batch["attention_mask"][row, :length] = 1

@@ -20,8 +20,9 @@ only a batch tensor's ``untyped_storage()`` object, with no tensor on it, must c
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -43,12 +44,29 @@ def new_storage(nbytes: int, shared: bool) -> torch.UntypedStorage:
     return torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)
 
 
-def tensors_on(storage: torch.UntypedStorage, dtype: torch.dtype, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
-    """Uninitialised tensors of ``shapes`` laid end to end on ``storage``."""
-    tensors, offset = [], 0
-    for shape in shapes:
-        tensors.append(torch.empty(0, dtype=dtype).set_(storage, offset, shape))
-        offset += int(torch.Size(shape).numel())
+ALIGNMENT = 64  # bytes; every tensor laid on a shared storage starts at a multiple of this
+
+
+def layout_nbytes(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    """Bytes of a storage holding the tensors of ``layout`` (name → dtype, shape) end to end, each aligned."""
+    offset = 0
+    for dtype, shape in layout.values():
+        offset = -(-offset // ALIGNMENT) * ALIGNMENT + math.prod(shape) * dtype.itemsize
+    return offset
+
+
+def tensors_on(
+    storage: torch.UntypedStorage, layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors of ``layout`` (name → dtype, shape) laid end to end on ``storage``, each aligned.
+
+    One storage per batch means one file descriptor to hand over from a worker, not one per tensor.
+    """
+    tensors, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        offset = -(-offset // ALIGNMENT) * ALIGNMENT
+        tensors[name] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
+        offset += math.prod(shape) * dtype.itemsize
     return tensors
 
 

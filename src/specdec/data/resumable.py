@@ -37,6 +37,9 @@ class EpochBatches(IterableDataset, ABC):
         self.skip_batches = 0  # batches of this epoch already consumed (resume)
         self.buffers: BatchBuffers | None = None  # recycled batch memory, when the subclass writes into it
 
+    def before_workers_start(self) -> None:
+        """Main process, before the loader forks its workers: work they should inherit rather than repeat."""
+
     def batch_nbytes(self) -> int:
         """Bytes of the largest batch written into :attr:`buffers` (the size of a worker's slot)."""
         return 0
@@ -137,6 +140,8 @@ class ResumableDataLoader(DataLoader):
         # A generator: nothing runs until the first batch is requested, after Lightning has called set_epoch.
         dataset: EpochBatches = self.dataset
         dataset.skip_batches = self._consumed = self._resume_position()
+        if self.num_workers > 0:
+            dataset.before_workers_start()
         buffers = dataset.buffers
         if buffers is None:
             for batch in super().__iter__():

@@ -35,6 +35,7 @@ budget.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import warnings
@@ -55,7 +56,7 @@ ZSTD_FLAG = 1
 DECODE_ROWS = 32  # rows dequantised per step: the fp32 working set stays in cache
 
 _CODEC_IDS = {"bf16": 1, "fp16": 2, "fp8_e4m3": 3, "fp4_e2m1": 4}
-_SCALED = ("fp8_e4m3", "fp4_e2m1")
+SCALED_CODECS = ("fp8_e4m3", "fp4_e2m1")
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _CODEC_NAMES = {value: name for name, value in _CODEC_IDS.items()}
 CODECS = tuple(_CODEC_IDS)
@@ -151,7 +152,7 @@ def _check_matrix(x: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_group(codec: str, cols: int, scale_group: int | None) -> int:
-    if codec not in _SCALED:
+    if codec not in SCALED_CODECS:
         return 0
     group = scale_group or cols
     if cols and (group <= 0 or cols % group):
@@ -254,7 +255,7 @@ def read_header(data: bytes) -> TensorHeader:
     if codec_id not in _CODEC_NAMES:
         raise CodecError(f"encoded tensor names unknown codec id {codec_id}")
     codec = _CODEC_NAMES[codec_id]
-    if codec in _SCALED and cols and (group <= 0 or cols % group):
+    if codec in SCALED_CODECS and cols and (group <= 0 or cols % group):
         raise CodecError(f"encoded {codec} tensor has scale group {group} that does not divide {cols} columns")
     if codec == "fp4_e2m1" and (block <= 0 or (cols and (group % block or cols % 2))):
         raise CodecError(f"encoded fp4 tensor has block {block} that does not divide its scale group {group}")
@@ -285,6 +286,28 @@ def _fp4_pair_lookup() -> torch.Tensor:
 
 _FP8_LOOKUP = _fp8_lookup()
 _FP4_PAIRS = _fp4_pair_lookup()
+_FP4_NIBBLES = _FP4_PAIRS[:16, 0].clone()  # fp32 value of each nibble code
+_KERNEL_VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.float32}
+USE_COMPILED_KERNELS = True  # False: always the PyTorch path (tests compare the two)
+
+
+@functools.cache
+def _load_kernels():
+    try:
+        from specdec.kernels import feature_dequant
+    except ImportError:  # pragma: no cover - the kernels ship with the package
+        return None
+    return feature_dequant if feature_dequant.NUMBA_AVAILABLE else None
+
+
+def compiled_kernels():
+    """The numba dequantisation kernels (:mod:`specdec.kernels.feature_dequant`), or None to use PyTorch."""
+    return _load_kernels() if USE_COMPILED_KERNELS else None
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of ``tensor``'s memory with a dtype numpy has (bfloat16 as int16)."""
+    return tensor.view(_KERNEL_VIEWS[tensor.dtype]).numpy()
 
 
 def payload_of(data: bytes | bytearray | memoryview) -> tuple[TensorHeader, memoryview]:
@@ -326,13 +349,25 @@ def decode_tensor_into(data: bytes | bytearray | memoryview, out: torch.Tensor) 
     groups = cols // header.scale_group
     group_scales = _view(payload, torch.float32, rows * groups).view(rows, groups, 1)
     offset = rows * groups * SCALE_BYTES
+    direct = out.device.type == "cpu" and out.is_contiguous() and out.dtype in _KERNEL_VIEWS and not out.requires_grad
+    kernels = compiled_kernels() if direct else None
     if header.codec == "fp8_e4m3":
+        if kernels is not None:
+            tables = (group_scales.view(-1, 1) * _FP8_LOOKUP).to(out.dtype)  # [row·group, code]
+            codes_np = np.frombuffer(payload, dtype=np.uint8, count=rows * cols, offset=offset)
+            kernels.fp8_gather(codes_np, _bits(tables), header.scale_group, _bits(out).reshape(-1))
+            return header
         codes = _view(payload, torch.uint8, rows * cols, offset).view(rows, cols)
         _decode_fp8_rows(codes, group_scales, header.scale_group, out)
         return header
     blocks = cols // header.block
     block_codes = _view(payload, torch.uint8, rows * blocks, offset).view(torch.float8_e4m3fn)
     scales = (block_codes.float().view(rows, groups, -1) * group_scales).view(rows, blocks, 1)
+    if kernels is not None:
+        tables = (scales.view(-1, 1) * _FP4_NIBBLES).to(out.dtype)  # [row·block, nibble]
+        packed = np.frombuffer(payload, dtype=np.uint8, count=rows * cols // 2, offset=offset + rows * blocks)
+        kernels.fp4_gather(packed, _bits(tables), header.block, _bits(out).reshape(-1))
+        return header
     codes = _view(payload, torch.uint8, rows * cols // 2, offset + rows * blocks).view(rows, cols // 2)
     step = max(1, min(rows, DECODE_ROWS))
     index = torch.empty(step * codes.shape[1], dtype=torch.int32)

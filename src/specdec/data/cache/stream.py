@@ -17,8 +17,6 @@ to the training process moves a file descriptor, not the features. The tensors' 
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,8 +25,9 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-from specdec.data.batches import padded_token_batch
-from specdec.data.buffers import TICKET_KEY, BatchBuffers, new_storage, tensors_on
+from specdec.data.batches import TOKEN_FIELDS, padded_token_batch
+from specdec.data.buffers import TICKET_KEY, BatchBuffers, layout_nbytes, new_storage, tensors_on
+from specdec.data.cache.codecs import SCALED_CODECS, compiled_kernels
 from specdec.data.cache.format import Buffer, decode_features_into
 from specdec.data.cache.manifest import ShardIntegrityError, keys_digest
 from specdec.data.cache.reader import check_shard_sample, iter_shard_files, open_shard
@@ -114,10 +113,15 @@ class TargetCacheStream(EpochBatches):
                 f"batch size {batch_size}{' with drop_last' if drop_last else ''}"
             )
 
+    def before_workers_start(self) -> None:
+        kernels = compiled_kernels()
+        if kernels is not None and self.expected["codec"] in SCALED_CODECS:
+            kernels.warm_up()  # compiled once here, not once per worker and epoch
+
     def batch_nbytes(self) -> int:
         hidden = int(self.expected["hidden_size"])
         width = len(self.expected["layer_ids"]) * hidden
-        return self.batch_size * self.max_length * (width + hidden) * self.dtype.itemsize
+        return layout_nbytes(batch_layout(self.batch_size, self.max_length, width, hidden, self.dtype))
 
     def num_batches(self) -> int:
         if self.drop_last:
@@ -181,9 +185,6 @@ class TargetCacheStream(EpochBatches):
                 raise ShardIntegrityError(f"target cache shard {span.url} holds other samples than its manifest entry")
 
     def iter_worker(self, worker: int, num_workers: int, skip: int) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        if info is not None:  # DataLoader leaves each worker one thread; the workers share the cores between them
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // info.num_workers))
         start, stop = self.worker_range(worker, num_workers)
         rng = seeded_random(self.seed, self.epoch, self.rank, worker)
         raw = self._raw_samples(self.spans(self.epoch, start, stop))
@@ -204,6 +205,18 @@ class TargetCacheStream(EpochBatches):
         return decode_batch(raw, self.expected, self.dtype, self.pad_token_id, buffers=self.buffers)
 
 
+def batch_layout(
+    size: int, width: int, feature_width: int, hidden: int, dtype: torch.dtype
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every tensor of a ``[size, width]`` batch, as laid out on its one storage (see :mod:`specdec.data.buffers`)."""
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+        "target_hidden_states": (dtype, (size, width, feature_width)),
+        "target_last_hidden_states": (dtype, (size, width, hidden)),
+    }
+    layout.update({name: (token_dtype, (size, width)) for name, token_dtype in TOKEN_FIELDS.items()})
+    return layout
+
+
 def decode_batch(
     raw: Sequence[tuple[str, str, Mapping[str, Buffer]]],
     expected: Mapping[str, Any],
@@ -219,19 +232,26 @@ def decode_batch(
     they are written into a recycled buffer of that pool.
     """
     checked = [check_shard_sample(files, key, url, expected) for url, key, files in raw]
+    layout = batch_layout(
+        len(checked),
+        max(sample.length for sample in checked),
+        checked[0].width,
+        int(checked[0].meta["hidden_size"]),
+        dtype,
+    )
+    nbytes = layout_nbytes(layout)
+    shared = get_worker_info() is not None if shared is None else shared
+    storage, ticket = buffers.storage(nbytes, shared) if buffers is not None else (new_storage(nbytes, shared), None)
+    tensors = tensors_on(storage, layout)
     batch = padded_token_batch(
         [sample.meta["key"] for sample in checked],
         [sample.input_ids for sample in checked],
         [sample.loss_mask for sample in checked],
         pad_token_id,
+        out=tensors,
     )
-    size, width = batch["input_ids"].shape
-    hidden = int(checked[0].meta["hidden_size"])
-    shapes = (size, width, checked[0].width), (size, width, hidden)
-    nbytes = sum(math.prod(shape) for shape in shapes) * dtype.itemsize
-    shared = get_worker_info() is not None if shared is None else shared
-    storage, ticket = buffers.storage(nbytes, shared) if buffers is not None else (new_storage(nbytes, shared), None)
-    batch["target_hidden_states"], batch["target_last_hidden_states"] = tensors_on(storage, dtype, *shapes)
+    batch["target_hidden_states"] = tensors["target_hidden_states"]
+    batch["target_last_hidden_states"] = tensors["target_last_hidden_states"]
     if ticket is not None:
         batch[TICKET_KEY] = (*ticket, "target_hidden_states")
     for row, (sample, (_, _, files)) in enumerate(zip(checked, raw, strict=True)):
