@@ -1,4 +1,5 @@
-"""Triton kernels of specdec, each paired with a plain PyTorch reference it is tested against.
+"""Kernels of specdec — Triton for the losses, numba for CPU cache dequantisation — each paired with a plain
+PyTorch reference it is tested against.
 
 Installed as ``specdec.kernels``. Importing this package never requires Triton: ``TRITON_AVAILABLE``
 says whether kernels can run, and callers fall back to the PyTorch reference when it is False.

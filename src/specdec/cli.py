@@ -53,9 +53,14 @@ COMMANDS = {
 
 def lightning_main(args: list[str] | None) -> None:
     """``specdec fit|validate|test|predict``: LightningCLI over any drafter module and DataModule."""
+    from specdec.callbacks.checkpoint import CorruptCheckpointError
     from specdec.lightning.cli import SpecdecCLI
 
-    SpecdecCLI(args=args)
+    try:
+        SpecdecCLI(args=args)
+    except CorruptCheckpointError as error:  # names the damaged file and the checkpoint to resume from instead
+        print(f"specdec: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
 
 
 def print_overview() -> None:

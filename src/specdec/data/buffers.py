@@ -9,9 +9,10 @@ zero-filled by the kernel on a page fault, which costs as much as dequantising a
 - with DataLoader workers the batch is consumed in another process, so a worker cannot see who holds it. The
   main process allocates each worker's slots in shared memory before the workers start (they outlive the
   workers, which restart every epoch) and keeps a board of which slots are free. A worker takes a free slot,
-  marks it lent and stamps the batch with a ticket; :class:`~specdec.data.resumable.ResumableDataLoader` takes the
-  ticket off in the main process, watches the reference count of the received storage there, and marks the slot
-  free again once nothing holds it. A worker never writes to a slot the board does not show free.
+  marks it lent, writes the batch into it and sends only where each tensor lies (:class:`SlotTensor`) with a
+  ticket; :class:`~specdec.data.resumable.ResumableDataLoader` rebuilds the tensors on the main process's own
+  mapping of the slot (no file descriptor passes, no page is mapped anew), watches the slot's reference count
+  and marks it free again once nothing holds it. A worker never writes to a slot the board does not show free.
 
 When no slot is free (a consumer holding many batches) a fresh, unpooled buffer is used: the pool can make
 reading faster, never wrong. A buffer's memory is recycled once no tensor refers to it; a consumer that keeps
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import get_worker_info
@@ -60,7 +61,7 @@ def tensors_on(
 ) -> dict[str, torch.Tensor]:
     """Uninitialised tensors of ``layout`` (name → dtype, shape) laid end to end on ``storage``, each aligned.
 
-    One storage per batch means one file descriptor to hand over from a worker, not one per tensor.
+    One storage per batch: a worker hands over one slot (or, outside the pool, one file descriptor).
     """
     tensors, offset = {}, 0
     for name, (dtype, shape) in layout.items():
@@ -70,22 +71,31 @@ def tensors_on(
     return tensors
 
 
+class SlotTensor(NamedTuple):
+    """A tensor a worker wrote into a pooled slot, sent as where it lies instead of as shared memory."""
+
+    offset: int  # in elements of dtype
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 class BatchBuffers:
     """The pool of one batch stream (see the module docstring). Picklable: workers get the slots and the board."""
 
     def __init__(self) -> None:
         self.slots: list[list[torch.UntypedStorage]] = []  # [worker][slot], shared memory, owned by the main process
         self.board: torch.Tensor | None = None  # shared int8 [worker, slot]: 1 = free, 0 = lent
+        self.generation = 0  # which slots and board a ticket refers to; a new one for each set of slots
         self._owner = os.getpid()
         self._private: list[torch.UntypedStorage] = []  # main-process slots (num_workers=0)
-        self._received: dict[tuple[int, int], torch.UntypedStorage] = {}  # main process: lent slots, as received
-        self.generation = 0  # which slots and board a ticket refers to; a new one for each set of slots
+        self._lent: set[tuple[int, int]] = set()  # main process: slots of this generation holding a received batch
+        self._retired: dict[int, list[list[torch.UntypedStorage]]] = {}  # slots of iterations given up, still open
         self._iterating = False  # main process: an iteration's workers may be writing into the slots
         self.tickets_received = 0  # main process: batches that came back in a pooled slot
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)  # a worker needs the shared slots and the board
-        state.update(_owner=-1, _private=[], _received={}, _iterating=False)
+        state = dict(self.__dict__)  # a worker needs the shared slots, the board and the generation
+        state.update(_owner=-1, _private=[], _lent=set(), _retired={}, _iterating=False)
         return state
 
     def prepare(self, num_workers: int, prefetch_factor: int | None, nbytes: int) -> int:
@@ -93,11 +103,11 @@ class BatchBuffers:
 
         A worker has up to ``prefetch_factor`` batches queued and one being written; two more cover the batch
         being consumed and the one fetched ahead. Slots still held from an earlier epoch stay lent; an iteration
-        that is still open (its workers may still write) leaves its slots to it, and new ones are allocated.
+        that is still open (its workers may still write) keeps its slots, and new ones are allocated.
         Returns the generation that :meth:`finish` is given back.
         """
         if self._iterating:
-            self._abandon()
+            self._abandon(keep_for_open_iteration=True)
         if num_workers == 0:
             self.board = None
             return self.generation
@@ -108,7 +118,7 @@ class BatchBuffers:
             self.slots = [[new_storage(nbytes, shared=True) for _ in range(per_worker)] for _ in range(num_workers)]
         self.release_unreferenced()
         board = torch.ones(num_workers, per_worker, dtype=torch.int8)
-        for worker, slot in self._received:
+        for worker, slot in self._lent:
             board[worker, slot] = 0
         self.board = board.share_memory_()
         return self.generation
@@ -116,15 +126,18 @@ class BatchBuffers:
     def finish(self, generation: int, exhausted: bool) -> None:
         """Main process, when an iteration ends: after a complete one every worker is done writing; after one
         broken off, its workers may still be, so their slots are given up (a later epoch allocates new ones)."""
+        self._retired.pop(generation, None)  # its batches keep their own memory alive
         if generation != self.generation:
-            return  # those slots were given up already
+            return
         if self._iterating and not exhausted:
             self._abandon()
         self._iterating = False
 
-    def _abandon(self) -> None:
+    def _abandon(self, keep_for_open_iteration: bool = False) -> None:
+        if keep_for_open_iteration and self.slots:
+            self._retired[self.generation] = self.slots
         self.slots, self.board = [], None
-        self._received.clear()
+        self._lent.clear()
         self.generation += 1
 
     def storage(self, nbytes: int, shared: bool) -> tuple[torch.UntypedStorage, tuple[int, int, int] | None]:
@@ -155,18 +168,37 @@ class BatchBuffers:
             self._private.append(storage)
         return storage
 
+    def send(self, batch: dict[str, Any], storage: torch.UntypedStorage, ticket: tuple[int, int, int]) -> None:
+        """Worker: replace the tensors ``batch`` holds on the slot ``storage`` by :class:`SlotTensor` references.
+
+        The main process maps every slot already, so the hand-off carries a few numbers, not file descriptors.
+        """
+        pointer = storage.data_ptr()
+        for name, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == pointer:
+                batch[name] = SlotTensor(value.storage_offset(), value.dtype, tuple(value.shape))
+        batch[TICKET_KEY] = ticket
+
     def receive(self, batch: Any) -> Any:
-        """Main process: take the ticket off ``batch`` (a dict) and watch the storage it names."""
-        if isinstance(batch, MutableMapping) and TICKET_KEY in batch:
-            generation, worker, slot, name = batch.pop(TICKET_KEY)
-            if generation == self.generation:  # a batch of an abandoned iteration frees nothing of the current one
-                self._received[(int(worker), int(slot))] = batch[name].untyped_storage()
-                self.tickets_received += 1
+        """Main process: rebuild the tensors of a batch sent from a slot, and watch that slot."""
+        if not (isinstance(batch, MutableMapping) and TICKET_KEY in batch):
+            return batch
+        generation, worker, slot = batch.pop(TICKET_KEY)
+        slots = self.slots if generation == self.generation else self._retired.get(generation)
+        if slots is None:
+            raise RuntimeError(f"a batch arrived in slot {worker}/{slot} of generation {generation}, now released")
+        storage = slots[worker][slot]
+        for name, value in batch.items():
+            if isinstance(value, SlotTensor):
+                batch[name] = torch.empty(0, dtype=value.dtype).set_(storage, value.offset, value.shape)
+        if generation == self.generation:  # a batch of an abandoned iteration frees nothing of the current one
+            self._lent.add((worker, slot))
+            self.tickets_received += 1
         return batch
 
     def release_unreferenced(self) -> None:
-        """Main process: mark free every lent slot that no tensor here holds any more."""
-        for key in [key for key, storage in self._received.items() if storage_is_unreferenced(storage)]:
-            del self._received[key]
-            if self.board is not None and key[0] < self.board.shape[0] and key[1] < self.board.shape[1]:
-                self.board[key] = 1
+        """Main process: mark free every lent slot that no tensor holds any more."""
+        for worker, slot in [key for key in self._lent if storage_is_unreferenced(self.slots[key[0]][key[1]])]:
+            self._lent.discard((worker, slot))
+            if self.board is not None:
+                self.board[worker, slot] = 1

@@ -22,6 +22,7 @@ from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from specdec.callbacks.checkpoint import check_checkpoint_readable
 from specdec.lightning.base import DrafterModule
 
 
@@ -177,6 +178,10 @@ class SpecdecCLI(LightningCLI):
         except ValueError as error:
             parser.error(str(error))
         self.config = parser.parse_args(expanded)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config.get(f"{subcommand}.ckpt_path") if subcommand else None
+        if ckpt_path:
+            check_checkpoint_readable(ckpt_path)  # before Lightning reads its hyper-parameters from it
 
     def add_arguments_to_parser(self, parser: ArgumentParser) -> None:
         parser.add_argument(

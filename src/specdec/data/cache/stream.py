@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from specdec.data.batches import TOKEN_FIELDS, padded_token_batch
-from specdec.data.buffers import TICKET_KEY, BatchBuffers, layout_nbytes, new_storage, tensors_on
+from specdec.data.buffers import BatchBuffers, layout_nbytes, new_storage, tensors_on
 from specdec.data.cache.codecs import SCALED_CODECS, compiled_kernels
 from specdec.data.cache.format import Buffer, decode_features_into
 from specdec.data.cache.manifest import ShardIntegrityError, keys_digest
@@ -252,14 +252,14 @@ def decode_batch(
     )
     batch["target_hidden_states"] = tensors["target_hidden_states"]
     batch["target_last_hidden_states"] = tensors["target_last_hidden_states"]
-    if ticket is not None:
-        batch[TICKET_KEY] = (*ticket, "target_hidden_states")
     for row, (sample, (_, _, files)) in enumerate(zip(checked, raw, strict=True)):
         length = sample.length
         features, last = batch["target_hidden_states"][row], batch["target_last_hidden_states"][row]
         decode_features_into(files, sample, features[:length], last[:length])
         features[length:].zero_()
         last[length:].zero_()
+    if ticket is not None:
+        buffers.send(batch, storage, ticket)
     return batch
 
 

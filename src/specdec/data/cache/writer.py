@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -85,8 +86,11 @@ class _HashingFile:
         self.handle = handle
         self.sha256 = hashlib.sha256()
         self.bytes = 0
+        self.dropped = False  # the shard is being deleted: late writes (the tar stream's finaliser) go nowhere
 
     def write(self, data: bytes) -> int:
+        if self.dropped:
+            return len(data)
         self.handle.write(data)
         self.sha256.update(data)
         self.bytes += len(data)
@@ -94,6 +98,22 @@ class _HashingFile:
 
     def flush(self) -> None:
         self.handle.flush()
+
+
+@contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """Name the file and the way out in an OS error (a full disk, a lost mount) while writing the cache."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename == str(path):
+            raise  # named already
+        raise OSError(
+            error.errno,
+            f"{error.strerror or error}; the build kept every stored sample: free space or fix the storage and "
+            "rerun the same command to resume",
+            str(path),
+        ) from error
 
 
 @dataclass
@@ -204,7 +224,7 @@ class TargetCacheWriter:
 
     def _append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n"
-        with open(self._progress, "ab") as handle:
+        with _disk_errors(self._progress), open(self._progress, "ab") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
@@ -241,7 +261,8 @@ class TargetCacheWriter:
             self._commit()
         shard = self._open or self._open_shard()
         self._broken = True
-        shard.tar.write(files)
+        with _disk_errors(shard.partial):
+            shard.tar.write(files)
         self._broken = False
         shard.keys.append(sample.key)
         shard.tokens += length
@@ -263,13 +284,19 @@ class TargetCacheWriter:
 
     def _commit(self) -> None:
         shard, self._open = self._open, None
-        shard.tar.close()
-        shard.handle.flush()
-        os.fsync(shard.handle.fileno())
-        shard.handle.close()
         name = shard_name(self.rank, shard.index)
-        os.replace(shard.partial, self.output_dir / name)
-        fsync_directory(self.output_dir)
+        with _disk_errors(shard.partial):
+            try:
+                shard.tar.close()
+                shard.handle.flush()
+                os.fsync(shard.handle.fileno())
+            except BaseException:
+                shard.hashing.dropped = True  # the rerun removes the partial file
+                raise
+            finally:
+                shard.handle.close()
+            os.replace(shard.partial, self.output_dir / name)
+            fsync_directory(self.output_dir)
         record = {
             "type": "shard",
             "file": name,
@@ -289,6 +316,7 @@ class TargetCacheWriter:
 
     def _discard(self) -> None:
         shard, self._open = self._open, None
+        shard.hashing.dropped = True
         shard.handle.close()
         shard.partial.unlink(missing_ok=True)
 
