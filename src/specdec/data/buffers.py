@@ -21,8 +21,10 @@ only a batch tensor's ``untyped_storage()`` object, with no tensor on it, must c
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, NamedTuple
 
@@ -37,6 +39,32 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 def storage_is_unreferenced(storage: torch.UntypedStorage) -> bool:
     """True when ``storage`` is held by nothing but the caller's own reference (no tensor, no view)."""
     return _use_count is not None and _use_count(storage._cdata) == 1
+
+
+def _madvise():
+    """libc's ``madvise`` where it can populate page tables (Linux ≥ 5.14), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return function
+
+
+_MADVISE = _madvise()
+MADV_POPULATE_WRITE = 23
+
+
+def map_for_writing(storage: torch.UntypedStorage) -> None:
+    """Map all of ``storage``'s pages into this process in one call.
+
+    A forked worker inherits the slots' mappings but not their page-table entries, so its first write to each
+    page would fault; populating them up front costs a third of that. Best effort: no-op where unsupported.
+    """
+    if _MADVISE is not None and storage.nbytes():
+        _MADVISE(storage.data_ptr(), storage.nbytes(), MADV_POPULATE_WRITE)
 
 
 def new_storage(nbytes: int, shared: bool) -> torch.UntypedStorage:
@@ -92,6 +120,7 @@ class BatchBuffers:
         self._retired: dict[int, list[list[torch.UntypedStorage]]] = {}  # slots of iterations given up, still open
         self._iterating = False  # main process: an iteration's workers may be writing into the slots
         self.tickets_received = 0  # main process: batches that came back in a pooled slot
+        self._mapped: set[tuple[int, int, int]] = set()  # worker: (process, generation, slot) already mapped
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)  # a worker needs the shared slots, the board and the generation
@@ -154,6 +183,9 @@ class BatchBuffers:
             for slot, storage in enumerate(self.slots[worker]):
                 if storage.nbytes() >= nbytes and bool(board[worker, slot]):
                     board[worker, slot] = 0
+                    if (os.getpid(), self.generation, slot) not in self._mapped:
+                        map_for_writing(storage)
+                        self._mapped.add((os.getpid(), self.generation, slot))
                     return storage, (self.generation, worker, slot)
         return new_storage(nbytes, shared), None
 
