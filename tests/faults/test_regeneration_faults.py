@@ -45,6 +45,15 @@ def answers(path: Path) -> dict[str, list]:
     return {record["key"]: record["messages"] for record in records}
 
 
+def undisturbed_run(tmp_path: Path, url: str, count: int, sampling: SamplingParams):
+    """Prompts, their conversations and the output of a run with nothing injected, to compare against."""
+    prompts = prompts_file(tmp_path / "prompts.jsonl", count)
+    conversations, _ = read_conversations(prompts)
+    reference = tmp_path / "reference.jsonl"
+    regenerate(conversations, reference, OpenAIChatBackend([url]), sampling, progress=False)
+    return prompts, conversations, reference
+
+
 @pytest.fixture(scope="module")
 def url():
     with serve_in_background(load_target(TINY_TARGET, device="cpu")) as base_url:
@@ -52,10 +61,7 @@ def url():
 
 
 def test_injected_faults_at_random_leave_every_answer_exactly_once(tmp_path, url):
-    prompts = prompts_file(tmp_path / "prompts.jsonl", 16)
-    conversations, _ = read_conversations(prompts)
-    reference = tmp_path / "reference.jsonl"
-    regenerate(conversations, reference, OpenAIChatBackend([url]), SAMPLED, progress=False)
+    _, conversations, reference = undisturbed_run(tmp_path, url, 16, SAMPLED)
 
     rates = {"slow": 0.1, "throttle": 0.1, "error": 0.1, "reset": 0.1, "lost": 0.1}
     output = tmp_path / "out.jsonl"
@@ -93,10 +99,7 @@ def lines_in(path: Path) -> int:
 
 @pytest.mark.slow
 def test_server_killed_and_restarted_mid_run(tmp_path, url):
-    prompts = prompts_file(tmp_path / "prompts.jsonl", 24)
-    conversations, _ = read_conversations(prompts)
-    reference = tmp_path / "reference.jsonl"
-    regenerate(conversations, reference, OpenAIChatBackend([url]), GREEDY, progress=False)
+    _, conversations, reference = undisturbed_run(tmp_path, url, 24, GREEDY)
 
     port = free_port()
     server = start_server(port)
@@ -138,10 +141,7 @@ def regenerate_process(prompts: Path, output: Path, url: str) -> subprocess.Pope
 
 @pytest.mark.slow
 def test_client_killed_at_random_points_again_and_again_behind_a_faulty_network(tmp_path, url):
-    prompts = prompts_file(tmp_path / "prompts.jsonl", 40)
-    conversations, _ = read_conversations(prompts)
-    reference = tmp_path / "reference.jsonl"
-    regenerate(conversations, reference, OpenAIChatBackend([url]), GREEDY, progress=False)
+    prompts, _, reference = undisturbed_run(tmp_path, url, 40, GREEDY)
 
     output = tmp_path / "out.jsonl"
     rng = random.Random(11)
