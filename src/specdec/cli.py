@@ -53,7 +53,7 @@ COMMANDS = {
 
 def lightning_main(args: list[str] | None) -> None:
     """``specdec fit|validate|test|predict``: LightningCLI over any drafter module and DataModule."""
-    from specdec.callbacks.checkpoint import CorruptCheckpointError
+    from specdec.lightning.checkpoint_io import CorruptCheckpointError
     from specdec.lightning.cli import SpecdecCLI
 
     try:

@@ -22,8 +22,8 @@ from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from specdec.callbacks.checkpoint import check_checkpoint_readable
 from specdec.lightning.base import DrafterModule
+from specdec.lightning.checkpoint_io import check_checkpoint_readable
 
 
 def linked_target(target: str | None) -> str:
