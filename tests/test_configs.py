@@ -207,3 +207,14 @@ def test_layer_ids_the_target_does_not_have_are_refused_before_any_model_is_buil
     with pytest.raises(SystemExit):
         resolved_config(args)
     assert "do not fit target Qwen/Qwen3-4B" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "stage"), [("deepspeed_zero2", 2), ("deepspeed_zero3_offload", 3)])
+def test_deepspeed_strategy_configs_stack_onto_a_paper_run(name, stage):
+    config = resolved_config(
+        ["--config", str(CONFIGS / "dspark_qwen3_4b.yaml"), "--config", str(CONFIGS / "strategy" / f"{name}.yaml")]
+    )
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DeepSpeedStrategy"
+    assert strategy["init_args"]["stage"] == stage and strategy["init_args"]["offload_optimizer"] is True
+    assert config["trainer"]["precision"] == "bf16-mixed"  # the rest of the run is unchanged

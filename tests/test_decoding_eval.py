@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from specdec.data.datamodules import TargetCacheDataModule
 from specdec.data.prompts.eval_sets import EvalSetsSpec, EvalTask, write_eval_set
-from specdec.decoding import DecodingOptions
+from specdec.decoding import DecodingOptions, DynamicTopK, PrefixScheduler
 from specdec.drafters import DSparkConfig, DSparkDrafter
 from specdec.lightning import DecodableModule, SpeculativeTest
 from specdec.targets import TINY_TARGET, load_target, read_target_head
@@ -79,3 +79,48 @@ def test_specdec_test_decodes_eval_sets_and_logs_per_dataset(tmp_path, capsys):
     with open(trainer.logger.log_dir + "/metrics.csv") as handle:
         header = next(csv.reader(handle))
     assert {"test/tau", "test/dataset/sums/tau", "test/domain/chat/accept_rate@0", "test/speedup"} <= set(header)
+
+
+COMPARED = ["static@0.3", "dynamic@0.3", "prefix", "topk", "tree@2x2"]
+
+
+def test_specdec_test_reports_every_proposal_mode_side_by_side(tmp_path, capsys):
+    """Truncation policies, the prefix scheduler and tree drafting in ``specdec test``, batched, on the same prompts:
+    one row per mode and group; greedy, every mode commits exactly the target's own greedy tokens."""
+    write_eval_set(tmp_path / "sums.jsonl", [{"turns": [f"Add {i} and {i + 1}, then explain."]} for i in range(4)])
+    spec = EvalSetsSpec(str(tmp_path), tasks=[EvalTask("sums", None, "code")], batch_size=2)
+    options = DecodingOptions(
+        temperature=0.0, max_new_tokens=10, seed=1, warmup_prompts=1, batch_size=2, engine="static", compare=COMPARED
+    )
+    module = TinyDrafterModule(options)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=CSVLogger(tmp_path / "logs"), enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.test(module, datamodule=TargetCacheDataModule(str(tmp_path / "unused"), eval_sets=spec))
+    printed = capsys.readouterr().out
+    by_mode = module.speculative_test.results_by_mode
+    assert list(by_mode) == ["chain", *COMPARED]
+    table = [line.split(" | ") for line in printed.splitlines() if line.startswith("dataset/sums ")]
+    assert [row[1].strip() for row in table] == ["chain", *COMPARED]  # side by side under the dataset
+    for mode, results in by_mode.items():
+        assert results["dataset/sums"]["rounds"] > 0, mode
+        assert results["all"]["tokens_per_second"] > 0 and results["all"]["ar_tokens_per_second"] > 0, mode
+    assert by_mode["tree@2x2"]["all"]["propose"] == pytest.approx(6.0, abs=2.0)  # 2 + 4 nodes, fewer at the end
+    assert module.speculative_test_results == by_mode["chain"]
+    evaluators = module.speculative_test.evaluators
+    assert isinstance(evaluators["prefix"].decoder.policy, PrefixScheduler)
+    assert len(evaluators["prefix"].steps_per_second.token_counts) == evaluators["prefix"].max_drafts + 1
+    assert isinstance(evaluators["topk"].decoder.policy, DynamicTopK)
+    assert evaluators["prefix"].decoder.session is evaluators["chain"].decoder.session  # compiled once, shared
+    assert all(f"{mode}: engine static" in printed for mode in ["chain", *COMPARED[:4]])
+    assert "tree@2x2: engine eager" in printed
+    with open(trainer.logger.log_dir + "/metrics.csv") as handle:
+        header = next(csv.reader(handle))
+    assert {"test/tau", "test/tree@2x2/tau", "test/prefix/dataset/sums/speedup"} <= set(header)
+
+    prompts = [[*range(3, 3 + n)] for n in (5, 9)]
+    for mode, evaluator in evaluators.items():
+        with torch.inference_mode():  # the sessions' buffers were made inside the test loop's inference mode
+            decoded = evaluator.decode(prompts, seed=0, measure_speedup=True)
+        speculative = [result.token_ids for result in decoded.speculative.results]
+        assert speculative == [result.token_ids for result in decoded.autoregressive.results], mode

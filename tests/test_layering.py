@@ -21,6 +21,7 @@ LAYERS = [
     {"decoding"},
     {"export"},
     {"lightning"},
+    {"planning"},
     {"callbacks"},
     {"demo"},
     {"cli"},

@@ -108,6 +108,31 @@ def test_specdec_test_reports_tau_and_speedup_on_the_checkpoint(quickstart):
     assert float(values["speedup"]) > 0 and float(values["tok/s"]) > 0 and float(values["ar_tok/s"]) > 0
 
 
+def test_specdec_plan_runs_from_the_quickstart_outputs(quickstart):
+    """A latency profile measured with the trained drafter, then the plan from the fit's CSV log and from the
+    JSON `specdec test` leaves: a table, a plot per dataset and a best draft length within the drafter's block."""
+    work, _ = quickstart
+    drafter = sorted((work / "checkpoints").glob("*.drafter"))[-1]
+    profile = work / "plan" / "profile.yaml"
+    specdec(
+        "plan", "profile", "--drafter", str(drafter), "--output", str(profile), "--concurrency", "[1, 2]",
+        "--engine", "static", "--repeats", "3", cwd=work,
+    )  # fmt: skip
+    metrics = next(work.rglob("metrics.csv"))
+    sources = [metrics, *sorted(work.rglob("speculative_test.json"))]
+    for index, results in enumerate(sources):
+        output = work / "plan" / str(index)
+        planned = specdec(
+            "plan", "speedup", "--results", str(results), "--profile", str(profile), "--concurrency", "[1, 2, 8]",
+            "--gpu_hour_price", "2.0", "--output_dir", str(output), cwd=work,
+        )  # fmt: skip
+        assert "speedup" in planned.stdout
+        rows = json.loads((output / "plan.json").read_text())["rows"]
+        assert rows and all(1 <= row["draft_length"] <= 7 and row["speedup"] > 0 for row in rows)
+        assert list(output.glob("plan_*.png"))
+    assert {"T=0", "T=1"} <= {row["dataset"] for row in json.loads((work / "plan/0/plan.json").read_text())["rows"]}
+
+
 @pytest.mark.parametrize("engine", ["deepspec", "vllm", "sglang"])
 def test_export_the_quickstart_checkpoint(quickstart, engine):
     work, _ = quickstart

@@ -344,3 +344,29 @@ def test_draw_is_the_sampling_path():
     tokens, qs = draw_children(logits, [1], 0.8, torch.Generator().manual_seed(2))
     assert torch.equal(qs[0][0], token_probabilities(logits[0], 0.8))
     assert tokens[0][0] == int(draw(token_probabilities(logits[0], 0.8), torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("algorithm", ["dspark", "eagle3"])
+def test_batched_greedy_trees_equal_each_prompt_decoded_alone(random_target, algorithm):
+    """Rows of different lengths in one batch: every row's output equals its own greedy target output, also when
+    one row stops early (it only pads later forwards) and when the token limit cuts a round's commit."""
+    prompts = [[1, 5, 7, 9, 11], [3, 4], [2, 7, 1, 8, 2, 8, 1]]
+    references = [
+        autoregressive_generate(random_target, [prompt], temperature=0.0, max_new_tokens=13).results[0]
+        for prompt in prompts
+    ]
+    stop = references[1].token_ids[2]
+    drafter = make_drafter(random_target, algorithm)
+    for stops in ([], [stop]):
+        decoder = TreeSpeculativeDecoder(
+            random_target, drafter, BUSHY, temperature=0.0, max_new_tokens=13, stop_token_ids=stops
+        )
+        output = decoder.generate(prompts)
+        assert output.target_forwards == max(result.rounds for result in output.results)
+        for result, reference in zip(output.results, references, strict=True):
+            expected = reference.token_ids
+            if stops and stop in expected:
+                expected = expected[: expected.index(stop) + 1]
+            assert result.token_ids == expected
+            assert result.stopped == (bool(stops) and stop in expected)
+            assert sum(result.committed) + 1 == len(result.token_ids) <= 13

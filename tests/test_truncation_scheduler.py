@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from specdec.decoding import SpeculativeDecoder
+from specdec.decoding import DecodingOptions, SpeculativeDecoder, TreeSpeculativeDecoder
+from specdec.decoding.evaluate import build_decoder
 from specdec.decoding.proposers import Proposal
 from specdec.decoding.scheduler import (
     DynamicTopK,
@@ -270,3 +271,43 @@ def test_recorder_profile_and_simulator(target, drafter):
     assert budgets[0] > budgets[-1] and budgets == sorted(budgets, reverse=True)
     static = sweep(rounds, lambda: FixedLength(3), sps, [16], steps=100)[0]
     assert points[-1].throughput > static.throughput
+
+
+# ---- proposal modes chosen by DecodingOptions -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["static@0.45", "dynamic@0.2", "tree@2x2"])
+def test_proposal_modes_of_the_decoding_options_stay_lossless_in_batches(target, drafter, mode):
+    """What ``specdec test --model.decoding.truncation …`` / ``--model.decoding.tree …`` build, decoded as the
+    evaluator decodes: batches of 8 prompts, each batch one generate call."""
+    options = DecodingOptions(temperature=1.0, max_new_tokens=5, engine="eager").for_mode(mode)
+    decoder = build_decoder(target, drafter, options, stop_token_ids=[])
+    assert isinstance(decoder, TreeSpeculativeDecoder) == (options.tree is not None)
+    generator = torch.Generator().manual_seed(23)
+    results = []
+    for _ in range(0, SAMPLES, 8):
+        results += decoder.generate([PROMPT] * 8, generator).results
+    rounds = [proposed for result in results for proposed in result.proposed]
+    if options.tree is None:
+        assert len(set(rounds)) > 1  # the policy cut rounds to different lengths
+    else:
+        assert max(rounds) == 6  # 2 + 4 nodes verified per round (fewer where the token limit is near)
+    assert sum(sum(result.accepted) for result in results) > 0.05 * len(results)
+    tokens = torch.tensor([result.token_ids[:POSITIONS] for result in results])
+    counts = torch.stack([torch.bincount(tokens[:, k], minlength=SMALL_VOCAB) for k in range(POSITIONS)])
+    exact = exact_marginals(target, PROMPT, 1.0, POSITIONS)
+    p_values = [chi_square_p_value(counts[k], exact[k]) for k in range(POSITIONS)]
+    assert min(p_values) > 1e-3, p_values
+
+
+def test_decoding_options_refuse_unknown_modes_and_label_theirs():
+    assert DecodingOptions().mode == "chain"
+    assert DecodingOptions(truncation="static", threshold=0.4).mode == "static@0.4"
+    assert DecodingOptions(tree=[3, 2, 1]).mode == "tree@3x2x1"
+    assert DecodingOptions().for_mode("prefix").truncation == "prefix"
+    with pytest.raises(ValueError, match="truncation"):
+        DecodingOptions(truncation="sometimes")
+    with pytest.raises(ValueError, match="'tree@3x0' is not a proposal mode"):
+        DecodingOptions(compare=["tree@3x0"])
+    with pytest.raises(ValueError, match="verified whole"):
+        DecodingOptions(tree=[2], truncation="static")

@@ -17,6 +17,7 @@ from specdec.data.regeneration.regenerate import regenerate_command
 from specdec.data.regeneration.serve import serve_command
 from specdec.demo import demo
 from specdec.export.commands import export_command, import_command, parity_command, validate_command
+from specdec.planning.commands import plan_profile, plan_speedup
 from specdec.targets.commands import target_info, train_tiny_target
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -42,6 +43,11 @@ COMMANDS = {
         "_help": "Check an exported drafter: its engine contract, and logit parity with the original.",
         "validate": validate_command,
         "parity": parity_command,
+    },
+    "plan": {
+        "_help": "What a drafter buys on a serving stack: expected tokens/s, speedup and cost per concurrency.",
+        "profile": plan_profile,
+        "speedup": plan_speedup,
     },
     "target": {
         "_help": "Inspect and build targets.",

@@ -119,6 +119,7 @@ class SpeedupEvaluation(L.Callback):
         values = {**acceptance.compute(), **speed.compute()}
         keep = ("tau", "propose", "verify_rate", "accept_rate@0", "tokens_per_second", "ar_tokens_per_second")
         keep += ("speedup", "ideal_speedup")
+        keep += tuple(f"accept_rate@{k}" for k in range(1, evaluator.max_drafts))  # what `specdec plan` reads
         logged = {f"{prefix}{name}": float(values[name]) for name in keep}
         policy = evaluator.draft_policy
         logged[f"{prefix}draft_length"] = float(policy.typical_length if policy else evaluator.max_drafts)

@@ -16,9 +16,12 @@ import torch
 from torch import nn
 
 from specdec.decoding.draft_length import RoundCosts, ThroughputDraftLength, measure_round_costs
-from specdec.decoding.engine import DecodeOutput, SpeculativeDecoder
+from specdec.decoding.engine import DecodeOutput, SpeculativeDecoder, _warn_once
 from specdec.decoding.options import DecodingOptions
+from specdec.decoding.scheduler import DynamicTopK, PrefixScheduler, StepsPerSecond, profile_verification
 from specdec.decoding.static_session import StaticTargetSession
+from specdec.decoding.tree import TreeShape, TreeSpeculativeDecoder
+from specdec.decoding.truncation import DynamicThreshold, StaticThreshold
 
 
 def stop_tokens_of(target, options: DecodingOptions) -> list[int]:
@@ -49,6 +52,38 @@ class TurnOutputs:
     autoregressive: DecodeOutput | None
 
 
+def build_decoder(target_model, drafter: nn.Module, options: DecodingOptions, stop_token_ids, session=None):
+    """The decoder ``options`` ask for: a chain decoder (with its truncation policy) or a tree decoder.
+
+    The prefix scheduler and top-K policies need a measured steps-per-second curve; the evaluator installs them
+    (:meth:`SpeculativeEvaluator.prepare_policy`).
+    """
+    if options.tree is not None:
+        if options.engine != "eager":
+            _warn_once(f"engine {options.engine!r}: tree drafting and its baseline run the eager HF forward")
+        return TreeSpeculativeDecoder(
+            target_model,
+            drafter,
+            TreeShape.from_branching(options.tree),
+            temperature=options.temperature,
+            max_new_tokens=options.max_new_tokens,
+            stop_token_ids=stop_token_ids,
+        )
+    policies = {"static": StaticThreshold, "dynamic": DynamicThreshold}
+    policy = policies[options.truncation](options.threshold) if options.truncation in policies else None
+    return SpeculativeDecoder(
+        target_model,
+        drafter,
+        temperature=options.temperature,
+        max_new_tokens=options.max_new_tokens,
+        stop_token_ids=stop_token_ids,
+        max_draft_tokens=options.max_draft_tokens,
+        policy=policy,
+        engine=options.engine,
+        session=session,
+    )
+
+
 class SpeculativeEvaluator:
     """Decode conversations against ``target`` (a :class:`specdec.targets.Target`) with and without ``drafter``.
 
@@ -66,17 +101,9 @@ class SpeculativeEvaluator:
         self.target = target
         self.options = options or DecodingOptions()
         self.stop_token_ids = stop_tokens_of(target, self.options)
-        self.decoder = SpeculativeDecoder(
-            target.model,
-            drafter,
-            temperature=self.options.temperature,
-            max_new_tokens=self.options.max_new_tokens,
-            stop_token_ids=self.stop_token_ids,
-            max_draft_tokens=self.options.max_draft_tokens,
-            engine=self.options.engine,
-            session=session,
-        )
+        self.decoder = build_decoder(target.model, drafter, self.options, self.stop_token_ids, session)
         self.device = next(target.model.parameters()).device
+        self.steps_per_second: StepsPerSecond | None = None  # measured for the prefix scheduler / top-K
         self.costs: RoundCosts | None = None  # measured by warmup() when the draft length is chosen from costs
         self.warmup_seconds = 0.0  # warm-up, compilation and cost measurement (outside every timed decode)
 
@@ -87,7 +114,30 @@ class SpeculativeEvaluator:
 
     @property
     def chooses_draft_length(self) -> bool:
-        return self.options.draft_length == "auto" and self.decoder.max_draft_tokens > 1
+        options = self.options
+        chain = options.tree is None and options.truncation == "none"
+        return chain and options.draft_length == "auto" and self.decoder.max_draft_tokens > 1
+
+    @property
+    def mode(self) -> str:
+        return self.options.mode
+
+    def prepare_policy(self) -> None:
+        """Measure ``SPS(B)`` on the decoder's own session and install the prefix scheduler / top-K policy."""
+        if self.options.truncation not in ("prefix", "topk") or self.decoder.policy is not None:
+            return
+        rows = self.options.batch_size
+        widths = range(1, self.decoder.max_draft_tokens + 2)
+        was_training = self.decoder.drafter.training
+        self.decoder.drafter.eval()
+        try:
+            self.steps_per_second = profile_verification(
+                self.target.model, [rows * width for width in widths], rows=rows, session=self.decoder.session
+            )
+        finally:
+            self.decoder.drafter.train(was_training)
+        sps = self.steps_per_second
+        self.decoder.policy = PrefixScheduler(sps) if self.options.truncation == "prefix" else DynamicTopK(sps)
 
     @property
     def max_drafts(self) -> int:
@@ -99,6 +149,7 @@ class SpeculativeEvaluator:
     def decode(self, prompts: Sequence[Sequence[int]], seed: int, measure_speedup: bool | None = None) -> TurnOutputs:
         """One batch of token prompts, speculative then (when measuring) autoregressive, from the same seed."""
         measure = self.options.measure_speedup if measure_speedup is None else measure_speedup
+        self.prepare_policy()
         was_training = self.decoder.drafter.training
         self.decoder.drafter.eval()
         try:
@@ -145,6 +196,7 @@ class SpeculativeEvaluator:
             self.decoder.warm_up([ids] * self.options.batch_size)  # every compiled shape, before anything is timed
         finally:
             self.decoder.drafter.train(was_training)
+        self.prepare_policy()
         for index in range(count):
             self.decode([ids], seed=index)
         if self.chooses_draft_length and self.costs is None:

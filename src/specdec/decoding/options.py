@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+TRUNCATIONS = ("none", "static", "dynamic", "prefix", "topk")
 
 
 @dataclass
@@ -46,6 +48,10 @@ class DecodingOptions:
     stop_token_ids: list[int] | None = field(default=None)
     engine: str = "compiled"
     draft_length: str = "auto"
+    truncation: str = "none"
+    threshold: float = 0.5
+    tree: list[int] | None = None
+    compare: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -58,5 +64,58 @@ class DecodingOptions:
             raise ValueError(f"DecodingOptions.engine = {self.engine!r}; must be 'eager', 'static' or 'compiled'")
         if self.draft_length not in ("auto", "fixed"):
             raise ValueError(f"DecodingOptions.draft_length = {self.draft_length!r}; must be 'auto' or 'fixed'")
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"DecodingOptions.truncation = {self.truncation!r}; must be one of {TRUNCATIONS}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"DecodingOptions.threshold = {self.threshold}; must be in [0, 1]")
+        if self.tree is not None:
+            if not self.tree or any(int(width) < 1 for width in self.tree):
+                raise ValueError(f"DecodingOptions.tree = {self.tree}; must list >= 1 children per depth")
+            if self.truncation != "none":
+                raise ValueError("DecodingOptions: a tree is verified whole; set truncation 'none' with a tree")
+        for spec in self.compare:
+            parse_mode(spec)  # refuses a bad spec before any decoding starts
         if self.batch_size < 1:
             raise ValueError(f"DecodingOptions.batch_size = {self.batch_size}; must be >= 1")
+
+    @property
+    def mode(self) -> str:
+        """A short label of what is proposed and verified (``chain``, ``static@0.5``, ``tree@3x2x1``, …)."""
+        if self.tree is not None:
+            return "tree@" + "x".join(str(int(width)) for width in self.tree)
+        if self.truncation == "none":
+            return "chain"
+        return self.truncation + (f"@{self.threshold:g}" if self.truncation in ("static", "dynamic") else "")
+
+    def for_mode(self, spec: str) -> DecodingOptions:
+        """These options with the proposal mode ``spec`` (a ``compare`` entry) instead of their own."""
+        truncation, threshold, tree = parse_mode(spec)
+        threshold = self.threshold if threshold is None else threshold
+        return replace(self, truncation=truncation, threshold=threshold, tree=tree, compare=[])
+
+
+def parse_mode(spec: str) -> tuple[str, float | None, list[int] | None]:
+    """``chain`` / ``static[@t]`` / ``dynamic[@t]`` / ``prefix`` / ``topk`` / ``tree@3x2x1`` → (truncation, threshold,
+    tree)."""
+    name, _, argument = str(spec).strip().partition("@")
+    try:
+        if name == "tree":
+            widths = [int(width) for width in argument.split("x")]
+            if not widths or min(widths) < 1:
+                raise ValueError
+            return "none", None, widths
+        if name == "chain" and not argument:
+            return "none", None, None
+        if name in ("static", "dynamic"):
+            threshold = float(argument) if argument else None
+            if threshold is not None and not 0.0 <= threshold <= 1.0:
+                raise ValueError
+            return name, threshold, None
+        if name in ("prefix", "topk") and not argument:
+            return name, None, None
+    except ValueError:
+        pass
+    raise ValueError(
+        f"DecodingOptions.compare: {spec!r} is not a proposal mode; expected chain, static[@t], dynamic[@t], prefix, "
+        "topk or tree@AxBx… (t in [0, 1], children per depth >= 1)"
+    )

@@ -71,12 +71,15 @@ def profile_verification(
     repeats: int = 5,
     warmup: int = 2,
     seed: int = 0,
+    session=None,
 ) -> StepsPerSecond:
-    """Measure ``SPS(B)`` with the engine's own verification forward (``TargetSession.extend``) on ``target``.
+    """Measure ``SPS(B)`` with the engine's own verification forward (``extend``) on ``target``.
 
     ``rows`` requests share a KV cache of ``context_length`` random prompt tokens each; a forward over ``B``
     tokens spreads them over the rows as evenly as the padded batch allows. Each point is the median of
-    ``repeats`` timed forwards (after ``warmup``), the cache cropped back after every forward.
+    ``repeats`` timed forwards (after ``warmup``), the cache cropped back after every forward. ``session``: the
+    static (compiled) session a decoder verifies on, so the curve is that of the forwards it will run; default
+    a fresh HF session.
     """
     device = next(target.parameters()).device
     vocab = target.config.vocab_size
@@ -84,8 +87,8 @@ def profile_verification(
     prompts = torch.randint(0, vocab, (rows, context_length), generator=generator).tolist()
     cuda = device.type == "cuda"
     measured = []
-    with TargetSession(target) as session:
-        session.prefill(prompts)
+    with session if session is not None else TargetSession(target) as session:
+        session.prefill(prompts, reserve=max(-(-int(c) // rows) for c in token_counts) + 1)
         for count in token_counts:
             if count < rows:
                 raise ValueError(f"profile_verification: {count} tokens cannot give each of {rows} rows one")

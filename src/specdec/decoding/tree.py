@@ -413,7 +413,12 @@ def _now(device: torch.device) -> float:
 
 
 class TreeSpeculativeDecoder:
-    """Speculative decoding with a draft tree (batch size 1: prompts are decoded one after the other).
+    """Speculative decoding with a draft tree, a batch of requests verified in one target forward per round.
+
+    Each active row drafts its own tree (the drafter runs per row: its tree-state bookkeeping is per request)
+    and all trees go through one target forward with a per-row tree mask; rows that finished only pad the
+    forward. Near ``max_new_tokens`` the shape is cut to the depth the row with the most room left can use,
+    and a row's committed tokens are cut at its own limit (a prefix of a lossless sample is lossless).
 
     Args:
         target: the HF causal LM (frozen, eval mode; full-attention layers).
@@ -421,7 +426,15 @@ class TreeSpeculativeDecoder:
         shape: the draft tree; nodes deeper than the drafter predicts are dropped. Its node count is the
             verification budget (drafted tokens verified per round, as ``propose`` counts a chain's drafts).
         temperature, max_new_tokens, stop_token_ids: as for :class:`specdec.decoding.SpeculativeDecoder`.
+
+    Tree verification runs the target's eager HF forward (a dense tree mask per round), so the decoder reports
+    ``engine = 'eager'`` and its :meth:`autoregressive` baseline decodes on the same eager forward.
     """
+
+    engine = "eager"
+    compile_seconds = 0.0
+    policy = None  # the tree's shape is the verification budget; no truncation policy applies
+    session = None  # no static session: nothing compiled to share with other decoders
 
     def __init__(
         self,
@@ -443,50 +456,89 @@ class TreeSpeculativeDecoder:
         self.stop_token_ids = list(stop_token_ids)
         self.layer_ids = list(drafter.config.target_layer_ids)
 
+    @property
+    def max_draft_tokens(self) -> int:
+        """The deepest accepted path a round can have (acceptance by position is tracked up to it)."""
+        return max(self.shape.max_depth, 1)
+
+    @torch.no_grad()
+    def warm_up(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Decode ``prompts`` both ways once (allocators, lazy initialisation); nothing is compiled here."""
+        device = next(self.target.parameters()).device
+        saved = self.max_new_tokens
+        self.max_new_tokens = min(saved, 2 * (self.shape.max_depth + 1) + 1)
+        try:
+            self.generate(prompts, torch.Generator(device=device).manual_seed(0))
+            self.autoregressive(prompts, torch.Generator(device=device).manual_seed(0))
+        finally:
+            self.max_new_tokens = saved
+
+    def autoregressive(self, prompts: Sequence[Sequence[int]], generator: torch.Generator | None = None):
+        """Plain decoding on the same eager HF forward and sampling path (the equal-footing baseline)."""
+        from specdec.decoding.engine import autoregressive_generate
+
+        return autoregressive_generate(
+            self.target,
+            prompts,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=self.stop_token_ids,
+            generator=generator,
+        )
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], generator: torch.Generator | None = None) -> DecodeOutput:
         device = next(self.target.parameters()).device
         began = _now(device)
-        output = DecodeOutput(results=[])
-        for prompt in prompts:
-            output.results.append(self._generate_one(list(prompt), generator, output, device))
-        output.seconds = _now(device) - began
-        return output
-
-    def _generate_one(self, prompt: list[int], generator, output: DecodeOutput, device) -> GenerationResult:
-        result = GenerationResult(prompt_ids=prompt)
+        results = [GenerationResult(prompt_ids=list(prompt)) for prompt in prompts]
+        output = DecodeOutput(results=results)
         stops = set(self.stop_token_ids)
-        tick = _now(device)
         with TreeTargetSession(self.target, self.layer_ids) as session:
-            step = session.prefill([prompt])
-            first = int(draw(token_probabilities(step.logits[0, 0], self.temperature), generator))
-            output.prefill_seconds += _now(device) - tick
-            result.token_ids.append(first)
-            tokens = torch.tensor([*prompt, first], device=device)
-            pending = step.features[0, : len(prompt)]
-            state = self.trees.new_state()
-            result.stopped = first in stops
-            while not result.stopped and len(result.token_ids) < self.max_new_tokens:
+            step = session.prefill([list(prompt) for prompt in prompts])
+            first = draw(token_probabilities(step.logits[:, 0], self.temperature), generator).tolist()
+            output.prefill_seconds = _now(device) - began
+            tokens = [torch.tensor([*p, t], device=device) for p, t in zip(prompts, first, strict=True)]
+            pending = [step.features[row, : len(prompt)] for row, prompt in enumerate(prompts)]
+            states = [self.trees.new_state() for _ in prompts]
+            for result, token in zip(results, first, strict=True):
+                result.token_ids.append(token)
+                result.stopped = token in stops
+            active = [not r.stopped and len(r.token_ids) < self.max_new_tokens for r in results]
+            while any(active):
+                rows = [row for row, on in enumerate(active) if on]
+                room = {row: self.max_new_tokens - len(results[row].token_ids) for row in rows}
+                shape = self.shape.truncated(max(room.values()) - 1)
                 tick = _now(device)
-                shape = self.shape.truncated(self.max_new_tokens - len(result.token_ids) - 1)
-                tree = self.trees.draft(state, tokens, pending, shape, self.temperature, generator)
+                trees = {
+                    row: self.trees.draft(states[row], tokens[row], pending[row], shape, self.temperature, generator)
+                    for row in rows
+                }
                 tock = _now(device)
                 output.draft_seconds += tock - tick
-                step = session.extend_tree(tree.tokens[None], shape)
-                p = token_probabilities(step.logits[0], self.temperature)
-                verdict = verify_tree(tree, p, generator, self.stop_token_ids)
-                kept = [0, *verdict.path]
-                session.keep_paths([kept])
+                filler = next(iter(trees.values())).tokens
+                input_ids = torch.stack([trees[row].tokens if row in trees else filler for row in range(len(results))])
+                step = session.extend_tree(input_ids, shape)
+                verdicts = {}
+                for row in rows:
+                    p = token_probabilities(step.logits[row], self.temperature)
+                    verdicts[row] = verify_tree(trees[row], p, generator, self.stop_token_ids)
+                kept = [[0, *verdicts[row].path] if row in verdicts else [] for row in range(len(results))]
+                session.keep_paths(kept)
                 output.verify_seconds += _now(device) - tock
                 output.target_forwards += 1
-                committed = tree.tokens[verdict.path].tolist()
-                if verdict.next_token is not None:
-                    committed.append(verdict.next_token)
-                result.proposed.append(shape.num_nodes)
-                result.accepted.append(len(verdict.path))
-                result.committed.append(len(committed))
-                result.token_ids.extend(committed)
-                tokens = torch.cat([tokens, torch.tensor(committed, device=device)])
-                pending = step.features[0, kept]
-                result.stopped = verdict.next_token is None or verdict.next_token in stops
-        return result
+                for row in rows:
+                    result, verdict = results[row], verdicts[row]
+                    committed = trees[row].tokens[verdict.path].tolist()
+                    if verdict.next_token is not None:
+                        committed.append(verdict.next_token)
+                    committed = committed[: room[row]]
+                    result.proposed.append(shape.num_nodes)
+                    result.accepted.append(min(len(verdict.path), len(committed)))
+                    result.committed.append(len(committed))
+                    result.token_ids.extend(committed)
+                    tokens[row] = torch.cat([tokens[row], torch.tensor(committed, device=device)])
+                    pending[row] = step.features[row, kept[row]]
+                    result.stopped = bool(stops.intersection(committed))
+                    active[row] = not result.stopped and len(result.token_ids) < self.max_new_tokens
+        output.seconds = _now(device) - began
+        return output

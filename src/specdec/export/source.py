@@ -62,13 +62,17 @@ def has_target_head(drafter: Drafter) -> bool:
 
 
 def load_drafter(source: str | Path, target: str | None = None, revision: str | None = None) -> Drafter:
-    """A drafter from an HF drafter directory or a Lightning ``.ckpt``, in fp32, with the target head attached.
+    """A drafter from an HF drafter directory or a Lightning ``.ckpt`` (a file, or DeepSpeed's sharded checkpoint
+    directory), in fp32, with the target head attached.
 
     ``target`` (``specdec-tiny``, a local HF directory or a hub id) supplies the frozen embedding and LM head;
     without it the drafter is returned bare (enough for formats that omit them, e.g. vLLM DFlash).
     """
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() and not (path / "config.json").exists() and is_deepspeed_checkpoint(path):
+        drafter, recorded_target = _from_deepspeed_checkpoint(path, target)
+        target = target or recorded_target
+    elif path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: expected an HF drafter directory (save_pretrained)")
         drafter = AutoModel.from_pretrained(path)
@@ -83,6 +87,32 @@ def load_drafter(source: str | Path, target: str | None = None, revision: str | 
     if target is not None:
         drafter.attach_target_head(read_target_head(target, revision=revision))
     return drafter
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """A Lightning checkpoint written by ``DeepSpeedStrategy``: a directory with DeepSpeed's ``latest`` tag file."""
+    path = Path(path)
+    return path.is_dir() and (path / "latest").is_file()
+
+
+def _from_deepspeed_checkpoint(path: Path, target: str | None) -> tuple[Drafter, str | None]:
+    """Consolidate a sharded DeepSpeed checkpoint into one Lightning checkpoint file, then read that."""
+    try:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    except ImportError as error:  # pragma: no cover - depends on the installed lightning
+        raise ImportError(f"{path}: reading a DeepSpeed checkpoint needs lightning's deepspeed utilities") from error
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        single = Path(scratch) / "consolidated.ckpt"
+        try:
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(single))
+        except ModuleNotFoundError as error:
+            raise ImportError(
+                f"{path} is a DeepSpeed checkpoint; reading it needs DeepSpeed (pip install 'specdec[deepspeed]'), "
+                "or use the .drafter directory written beside it"
+            ) from error
+        return _from_lightning_checkpoint(single, target)
 
 
 def drafter_from_lightning_checkpoint(path: str | Path, target: str | None = None) -> Drafter:
