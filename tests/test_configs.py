@@ -6,7 +6,7 @@ import contextlib
 import io
 import json
 import shutil
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from transformers import Gemma4TextConfig
 
 from specdec.callbacks import GlobalBatchSize
 from specdec.cli import main
+from specdec.decoding import DecodingOptions
 from specdec.drafters import DFlashOptions, DSparkOptions, Eagle3Options
 from specdec.lightning import DrafterModule
 from specdec.lightning.cli import SpecdecCLI
@@ -144,14 +145,15 @@ NEW_DATA_OPTIONS = {  # DataModule options added since, at defaults that keep th
     "data.init_args.prefetch_factor": None,
     "data.init_args.pin_memory": None,
 }
+NEW_DECODING_OPTIONS = flat(asdict(DecodingOptions()), "model.init_args.decoding.")  # fields added since, at defaults
 OPTIONS = {"DSparkModule": DSparkOptions, "DFlashModule": DFlashOptions, "Eagle3Module": Eagle3Options}
 
 
 @pytest.mark.parametrize("name", sorted(RESOLVED_BEFORE), ids=str)
 def test_every_config_resolves_to_the_values_it_had_before_it_was_split(name):
     """Every value of the old resolved config is found again; the only new keys are the typed drafter's defaults
-    (which applied before too), the run name, the DataModule's layer ids (linked into the model's) and its later
-    loader options at their defaults."""
+    (which applied before too), the run name, the DataModule's layer ids (linked into the model's), and its later
+    loader options and decoding options at their defaults."""
     before = flat(RESOLVED_BEFORE[name])
     now = resolved_config(["--config", str(CONFIGS / f"{name}.yaml")])
     after = flat(now)
@@ -178,6 +180,8 @@ def test_every_config_resolves_to_the_values_it_had_before_it_was_split(name):
             assert after[key] == after["model.init_args." + key.removeprefix("data.init_args.")], key
         elif key in NEW_DATA_OPTIONS:
             assert after[key] is NEW_DATA_OPTIONS[key], key
+        elif key in NEW_DECODING_OPTIONS:
+            assert after[key] == NEW_DECODING_OPTIONS[key], key
         else:
             assert key == "run_name" or (key.startswith("data.init_args.") and "build.layer_ids" in key), key
 
