@@ -160,7 +160,9 @@ class SpeedupEvaluation(L.Callback):
                 f"wall-clock ({last[prefix + 'tokens_per_second']:.1f} vs {last[prefix + 'ar_tokens_per_second']:.1f} "
                 f"tokens/s), ideal {last[prefix + 'ideal_speedup']:.2f}x, {int(last[prefix + 'draft_length'])} drafts"
             )
-        return " | ".join(parts) + f"  [{self._engine_summary()}] at step {step}"
+        kernel = any(getattr(e.decoder, "verification_path", None) == "kernel" for e in self._evaluators.values())
+        verification = ", Triton acceptance test" if kernel else ""
+        return " | ".join(parts) + f"  [{self._engine_summary()}{verification}] at step {step}"
 
     def _engine_summary(self) -> str:
         evaluators = list(self._evaluators.values())

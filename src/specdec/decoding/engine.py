@@ -10,9 +10,10 @@ drafts, and what :func:`autoregressive_generate` samples from.
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from specdec.decoding.compiled import CompiledStep
+from specdec.decoding.options import VERIFICATIONS
 from specdec.decoding.proposers import DraftRequest, DSparkProposer, Proposal, proposer_for
 from specdec.decoding.static_proposer import StaticDSparkProposer
 from specdec.decoding.static_session import StaticTargetSession, round_up_to_bucket, supports_static_session
@@ -29,6 +31,7 @@ from specdec.decoding.truncation import FixedLength, TruncationPolicy, truncate
 from specdec.sampling import accept_draft, draw, residual_distribution, token_probabilities, uniform
 
 ENGINES = ("eager", "static", "compiled")
+VERIFICATION_TIMING_REPEATS = 5
 _warned: set[str] = set()
 
 
@@ -142,6 +145,30 @@ def acceptance_test(temperature: float):
     return run
 
 
+def _kernel_acceptance_test(temperature: float, verification: str, device: torch.device) -> Callable | None:
+    """The Triton acceptance test where ``verification`` may use it on ``device``, else None (``'kernel'``
+    where it cannot run raises). ``auto`` considers it on CUDA only: the CPU interpreter is no fast path."""
+    if verification == "reference" or (verification == "auto" and device.type != "cuda"):
+        return None
+    from specdec import kernels
+
+    if not kernels.kernels_usable_on(device.type):
+        if verification == "kernel":
+            reason = (
+                "Triton is not installed"
+                if not kernels.TRITON_AVAILABLE
+                else f"Triton kernels run on CUDA, or on CPU only with TRITON_INTERPRET=1 (device {device.type!r})"
+            )
+            raise ValueError(f"verification='kernel' cannot run here: {reason}")
+        return None
+    from specdec.kernels.verification import verify_round
+
+    def run(logits, q, drafts, counts, u, u_next, stops):
+        return verify_round(logits, q, drafts, counts, u, u_next, stops, temperature)
+
+    return run
+
+
 def _first_tokens(session: TargetSession | StaticTargetSession, prompts, temperature, generator, reserve: int = 0):
     step = session.prefill(prompts, reserve=reserve)
     probabilities = token_probabilities(step.logits[:, 0], temperature)
@@ -174,6 +201,11 @@ class SpeculativeDecoder:
         session: a static session of ``target`` to verify on instead of building one (decoders at several
             temperatures share the target's compiled steps this way); it must return ``drafter``'s layers and
             be compiled exactly when ``engine='compiled'``.
+        verification: how the acceptance test runs: ``reference`` — :func:`acceptance_test` (compiled with
+            the engine); ``kernel`` — the fused Triton kernels of ``specdec.kernels.verification`` (CUDA, or
+            CPU under ``TRITON_INTERPRET=1``; elsewhere a ValueError); ``auto`` — the kernel only where it
+            is measured faster: on CUDA both are timed on the first round :meth:`warm_up` verifies, elsewhere
+            the reference. ``verification_path`` says which one runs.
     """
 
     def __init__(
@@ -189,9 +221,12 @@ class SpeculativeDecoder:
         engine: str = "eager",
         capacity: int = 256,
         session: StaticTargetSession | None = None,
+        verification: str = "auto",
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r}: expected one of {ENGINES}")
+        if verification not in VERIFICATIONS:
+            raise ValueError(f"verification {verification!r}: expected one of {VERIFICATIONS}")
         self.target = target
         self.drafter = drafter
         self.engine = engine
@@ -218,6 +253,13 @@ class SpeculativeDecoder:
         self._acceptance = CompiledStep(
             acceptance_test(temperature), enabled=compile_acceptance, name="acceptance test", device=device
         )
+        self.verification = verification
+        self._kernel_acceptance = _kernel_acceptance_test(temperature, verification, device)
+        self.verification_path = "kernel" if verification == "kernel" else "reference"
+        # auto on CUDA: decided by timing both paths at the first round verified during warm_up
+        self._verification_undecided = verification == "auto" and self._kernel_acceptance is not None
+        self._warming_up = False
+        self.verification_seconds: dict[str, float] = {}  # median per path where auto timed them
 
     @property
     def compile_seconds(self) -> float:
@@ -235,6 +277,7 @@ class SpeculativeDecoder:
         saved = self.policy, self.max_new_tokens
         widths = range(2, self.max_draft_tokens + 2)
         buckets = {round_up_to_bucket(w, self.session.buckets) for w in widths} if self.session else {max(widths)}
+        self._warming_up = True
         try:
             for bucket in sorted(buckets):
                 drafts = min(bucket - 1, self.max_draft_tokens)
@@ -242,6 +285,7 @@ class SpeculativeDecoder:
                 self.generate(prompts, torch.Generator(device=_device_of(self.target)).manual_seed(0))
         finally:
             self.policy, self.max_new_tokens = saved
+            self._warming_up = False
         self.autoregressive(prompts, torch.Generator(device=_device_of(self.target)).manual_seed(0))
 
     def _session(self) -> TargetSession | StaticTargetSession:
@@ -349,15 +393,16 @@ class SpeculativeDecoder:
         u = uniform(tuple(drafts.shape), device, generator)
         u_next = uniform((len(rows),), device, generator)  # the residual / bonus draw's
         verified = counts[active]
-        if self._acceptance.compiled:  # one graph: pad to the widest round (padded slots are never verified)
-            padded = round_up_to_bucket(self.max_draft_tokens + 1, self.session.buckets)  # only with a session
-            if padded != width:
-                grow = padded - width
-                logits, q = F.pad(logits, (0, 0, 0, grow)), F.pad(q, (0, 0, 0, grow))
-                drafts, u = F.pad(drafts, (0, grow)), F.pad(u, (0, grow), value=1.0)
-        accepted, next_tokens, stopped_early, next_is_stop = self._acceptance(
-            logits, q, drafts, verified, u, u_next, stops
-        )
+        inputs = (logits, q, drafts, verified, u, u_next, stops)
+        if self._verification_undecided and self._warming_up:
+            self._choose_verification(inputs)
+        if self.verification_path == "kernel":  # any width: nothing to pad
+            accepted, next_tokens, stopped_early, next_is_stop = self._kernel_acceptance(*inputs)
+        else:
+            if self._acceptance.compiled:  # one graph: pad to the widest round (padded slots are never verified)
+                inputs = self._padded(inputs)
+                drafts = inputs[2]
+            accepted, next_tokens, stopped_early, next_is_stop = self._acceptance(*inputs)
 
         kept = torch.zeros(batch, dtype=torch.long, device=device)
         kept[active] = accepted + 1
@@ -371,6 +416,37 @@ class SpeculativeDecoder:
             new_tokens.append(committed)
             finished.append(bool(early_list[position] or next_is_stop[position]))
         return kept, new_tokens, finished, step.features
+
+    def _padded(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Round inputs padded to the widest round's bucket (with a session) or width, as the compiled reference
+        takes them; padded slots are never verified (u = 1, counts unchanged)."""
+        logits, q, drafts, verified, u, u_next, stops = inputs
+        widest = self.max_draft_tokens + 1
+        padded = round_up_to_bucket(widest, self.session.buckets) if self.session is not None else widest
+        grow = padded - logits.shape[1]
+        if grow <= 0:
+            return inputs
+        logits, q = F.pad(logits, (0, 0, 0, grow)), F.pad(q, (0, 0, 0, grow))
+        drafts, u = F.pad(drafts, (0, grow)), F.pad(u, (0, grow), value=1.0)
+        return logits, q, drafts, verified, u, u_next, stops
+
+    def _choose_verification(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Time the reference and the kernel on this round's rows at the widest round's width (what the compiled
+        reference always runs at), each once untimed (compilation) and then a median of synchronised repeats,
+        and keep the faster."""
+        padded = self._padded(inputs)
+        clock = _Clock(padded[0].device)
+        for path, run in (("reference", self._acceptance), ("kernel", self._kernel_acceptance)):
+            run(*padded)
+            seconds = []
+            for _ in range(VERIFICATION_TIMING_REPEATS):
+                began = clock.now()
+                run(*padded)
+                seconds.append(clock.now() - began)
+            self.verification_seconds[path] = statistics.median(seconds)
+        faster = min(self.verification_seconds, key=self.verification_seconds.get)
+        self.verification_path = faster
+        self._verification_undecided = False
 
 
 @torch.no_grad()

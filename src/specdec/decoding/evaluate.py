@@ -81,6 +81,7 @@ def build_decoder(target_model, drafter: nn.Module, options: DecodingOptions, st
         policy=policy,
         engine=options.engine,
         session=session,
+        verification=options.verification,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 TRUNCATIONS = ("none", "static", "dynamic", "prefix", "topk")
+VERIFICATIONS = ("auto", "reference", "kernel")
 
 
 @dataclass
@@ -34,6 +35,15 @@ class DecodingOptions:
         draft_length: ``auto`` — draft the number of tokens that maximises expected tokens per second, from the
             draft and verification costs measured at the start of the evaluation and the acceptance by position
             seen so far (``max_draft_tokens`` caps it); ``fixed`` — always ``max_draft_tokens`` (or the block).
+        truncation: which drafts of a chain round are verified: ``none`` (all), ``static`` / ``dynamic``
+            (cumulative-confidence threshold ``threshold``), ``prefix`` (DSpark's prefix scheduler) or ``topk``.
+        threshold: the static threshold, or the dynamic policy's target rate.
+        tree: children per depth of a drafted token tree (``[3, 2, 1]``) instead of a chain.
+        compare: further proposal modes decoded on the same prompts and reported side by side
+            (``chain``, ``static[@t]``, ``dynamic[@t]``, ``prefix``, ``topk``, ``tree@AxBx…``).
+        verification: how a chain round's acceptance test runs: ``reference`` (PyTorch, compiled with the
+            engine), ``kernel`` (the fused Triton kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``) or
+            ``auto`` (the kernel where it is measured faster at the warm-up, on CUDA; the reference elsewhere).
     """
 
     temperature: float = 1.0
@@ -52,6 +62,7 @@ class DecodingOptions:
     threshold: float = 0.5
     tree: list[int] | None = None
     compare: list[str] = field(default_factory=list)
+    verification: str = "auto"
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -73,6 +84,8 @@ class DecodingOptions:
                 raise ValueError(f"DecodingOptions.tree = {self.tree}; must list >= 1 children per depth")
             if self.truncation != "none":
                 raise ValueError("DecodingOptions: a tree is verified whole; set truncation 'none' with a tree")
+        if self.verification not in VERIFICATIONS:
+            raise ValueError(f"DecodingOptions.verification = {self.verification!r}; must be one of {VERIFICATIONS}")
         for spec in self.compare:
             parse_mode(spec)  # refuses a bad spec before any decoding starts
         if self.batch_size < 1:

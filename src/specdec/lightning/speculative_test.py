@@ -190,6 +190,10 @@ def _mode_summary(mode: str, evaluator: SpeculativeEvaluator) -> str:
     """One line per mode: what chose the verified drafts and on which engine it ran."""
     decoder = evaluator.decoder
     line = f"{mode}: engine {decoder.engine}, warm-up {evaluator.warmup_seconds:.1f} s"
+    path = getattr(decoder, "verification_path", None)
+    if path is not None:
+        timed = ", ".join(f"{name} {1000 * seconds:.2f} ms" for name, seconds in decoder.verification_seconds.items())
+        line += f", acceptance test: {path}" + (f" (timed: {timed})" if timed else "")
     policy = evaluator.draft_policy
     if policy is not None:
         line += (
