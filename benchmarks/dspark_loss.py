@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from machine import machine_info
 from specdec.kernels import TRITON_AVAILABLE
 
 from specdec.losses.chunked import DEFAULT_CHUNK_SIZE
@@ -112,29 +112,6 @@ def _worker(args: argparse.Namespace) -> dict[str, object]:
         "input_bytes": 2 * draft.numel() * draft.element_size(),
         "grad_bytes": draft.numel() * draft.element_size(),
     }
-
-
-def _machine(device: str) -> dict[str, object]:
-    info: dict[str, object] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        info["cpu"] = names[0] if names else platform.processor()
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _triton_block_size() -> int | None:
@@ -223,7 +200,7 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/dspark_loss.py", *sys.argv[1:]]),
         "device": args.device,
-        "machine": _machine(args.device),
+        "machine": machine_info(args.device),
         "shape": {
             "anchors": args.anchors,
             "slots": args.slots,

@@ -7,7 +7,8 @@ after a SIGKILL halfway (the rerun must skip exactly what was written), and answ
 is done. Each phase runs in its own process; its peak RSS is the process's ``ru_maxrss``. The run checks the
 exactly-once invariant on the output: every key once, none missing.
 
-Run: ``python benchmarks/many_prompts.py`` (CPU, about 55 minutes on 2 cores; writes ``benchmarks/results/many_prompts.json``).
+Run: ``python benchmarks/many_prompts.py`` (CPU, about 55 minutes on 2 cores; writes
+``benchmarks/results/many_prompts.json``).
 """
 
 from __future__ import annotations

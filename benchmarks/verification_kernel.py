@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from machine import machine_info
 
 RESULTS = Path(__file__).parent / "results" / "verification_kernel.json"
 INTERPRETED = "TRITON_INTERPRET=1 (correctness tool, not a fast path)"
@@ -63,26 +63,6 @@ def _time(run: Callable[[], tuple], repeats: int, warm: bool, device: torch.devi
         synchronise()
         seconds.append(time.perf_counter() - began)
     return seconds, output
-
-
-def _machine(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        info["cpu"] = names[0] if names else platform.processor()
-    import triton
-
-    info["triton"] = triton.__version__
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def main() -> None:
@@ -157,7 +137,7 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/verification_kernel.py", *sys.argv[1:]]),
         "device": args.device,
-        "machine": _machine(device),
+        "machine": machine_info(device),
         "shape": {"width": args.width, "vocab": args.vocab, "logits_dtype": "bfloat16", "q_dtype": "float32"},
         "block_size": DEFAULT_BLOCK_SIZE,
         "repeats": args.repeats,
