@@ -198,6 +198,30 @@ def test_decoders_at_two_temperatures_share_one_compiled_target_session(random_t
         SpeculativeDecoder(random_target, drafter, temperature=1.0, engine="static", session=greedy.session)
 
 
+def test_rows_finishing_one_after_another_meet_only_graphs_the_warm_up_compiled(random_target):
+    """A batch whose rows finish at different rounds verifies ever fewer rows: the compiled acceptance test pads
+    them to a power of two the warm-up compiled, so a timed decode compiles nothing, and decodes what the static
+    engine (no padding) decodes from the same uniforms."""
+    drafter = make_drafter(random_target, "dspark")
+    prompts = [*GREEDY_PROMPTS, GREEDY_PROMPTS[0][:3]]
+    stops = list(range(0, random_target.config.vocab_size, 9))  # rows stop at random rounds
+    decoders = {
+        engine: SpeculativeDecoder(
+            random_target, drafter, temperature=1.0, max_new_tokens=24, stop_token_ids=stops, engine=engine
+        )
+        for engine in ("static", "compiled")
+    }
+    compiled = decoders["compiled"]
+    compiled.warm_up(prompts)
+    before = compiled.compile_seconds
+    for seed in range(3):
+        outputs = {e: d.generate(prompts, torch.Generator().manual_seed(seed)) for e, d in decoders.items()}
+        assert [r.token_ids for r in outputs["compiled"].results] == [r.token_ids for r in outputs["static"].results]
+        rounds = [result.rounds for result in outputs["compiled"].results]
+        assert len(set(rounds)) > 1, rounds  # rows did finish at different rounds
+    assert compiled.compile_seconds == before
+
+
 def test_a_compiled_step_meets_new_strides_and_grad_mode_without_failing():
     """Calls of a seen shape skip guard evaluation; a view with other strides, or grad mode switched on, is a new
     signature that compiles instead of tripping the no-recompile stance."""

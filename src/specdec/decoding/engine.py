@@ -394,14 +394,14 @@ class SpeculativeDecoder:
         u_next = uniform((len(rows),), device, generator)  # the residual / bonus draw's
         verified = counts[active]
         inputs = (logits, q, drafts, verified, u, u_next, stops)
-        if self._verification_undecided and self._warming_up:
-            self._choose_verification(inputs)
-        if self.verification_path == "kernel":  # any width: nothing to pad
+        if self._warming_up:
+            self._warm_acceptance(inputs, batch)
+        if self.verification_path == "kernel":  # any shape: nothing to pad
             accepted, next_tokens, stopped_early, next_is_stop = self._kernel_acceptance(*inputs)
+        elif self._acceptance.compiled:  # few graphs: padded rows and slots are never verified
+            outputs = self._acceptance(*self._padded(inputs, batch))
+            accepted, next_tokens, stopped_early, next_is_stop = (output[: len(rows)] for output in outputs)
         else:
-            if self._acceptance.compiled:  # one graph: pad to the widest round (padded slots are never verified)
-                inputs = self._padded(inputs)
-                drafts = inputs[2]
             accepted, next_tokens, stopped_early, next_is_stop = self._acceptance(*inputs)
 
         kept = torch.zeros(batch, dtype=torch.long, device=device)
@@ -417,24 +417,37 @@ class SpeculativeDecoder:
             finished.append(bool(early_list[position] or next_is_stop[position]))
         return kept, new_tokens, finished, step.features
 
-    def _padded(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Round inputs padded to the widest round's bucket (with a session) or width, as the compiled reference
-        takes them; padded slots are never verified (u = 1, counts unchanged)."""
+    def _padded(self, inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+        """Round inputs as the compiled reference takes them: slots padded to the widest round's bucket (with a
+        session) or width, active rows to a power of two (at most ``batch``), so rows finishing one after another
+        meet graphs the warm-up compiled. Padded slots and rows verify nothing (count 0, u = 1)."""
         logits, q, drafts, verified, u, u_next, stops = inputs
         widest = self.max_draft_tokens + 1
-        padded = round_up_to_bucket(widest, self.session.buckets) if self.session is not None else widest
-        grow = padded - logits.shape[1]
-        if grow <= 0:
-            return inputs
-        logits, q = F.pad(logits, (0, 0, 0, grow)), F.pad(q, (0, 0, 0, grow))
-        drafts, u = F.pad(drafts, (0, grow)), F.pad(u, (0, grow), value=1.0)
+        width = round_up_to_bucket(widest, self.session.buckets) if self.session is not None else widest
+        rows = min(batch, 1 << (logits.shape[0] - 1).bit_length())
+        grow_slots, grow_rows = max(width - logits.shape[1], 0), rows - logits.shape[0]
+        logits, q = F.pad(logits, (0, 0, 0, grow_slots, 0, grow_rows)), F.pad(q, (0, 0, 0, grow_slots, 0, grow_rows))
+        drafts, u = F.pad(drafts, (0, grow_slots, 0, grow_rows)), F.pad(u, (0, grow_slots, 0, grow_rows), value=1.0)
+        verified, u_next = F.pad(verified, (0, grow_rows)), F.pad(u_next, (0, grow_rows), value=0.5)
         return logits, q, drafts, verified, u, u_next, stops
 
-    def _choose_verification(self, inputs: tuple[torch.Tensor, ...]) -> None:
+    def _warm_acceptance(self, inputs: tuple[torch.Tensor, ...], batch: int) -> None:
+        """During the warm-up: choose the verification path (``auto``) and compile the reference for every row
+        bucket below ``batch`` (the warm-up's rows all run to the end; real rows finish one after another)."""
+        if self._verification_undecided:
+            self._choose_verification(inputs, batch)
+        if self.verification_path != "reference" or not self._acceptance.compiled:
+            return
+        rows = 1
+        while rows < min(batch, inputs[0].shape[0]):
+            self._acceptance(*self._padded(tuple(value[:rows] for value in inputs[:6]) + inputs[6:], batch))
+            rows *= 2
+
+    def _choose_verification(self, inputs: tuple[torch.Tensor, ...], batch: int) -> None:
         """Time the reference and the kernel on this round's rows at the widest round's width (what the compiled
         reference always runs at), each once untimed (compilation) and then a median of synchronised repeats,
         and keep the faster."""
-        padded = self._padded(inputs)
+        padded = self._padded(inputs, batch)
         clock = _Clock(padded[0].device)
         for path, run in (("reference", self._acceptance), ("kernel", self._kernel_acceptance)):
             run(*padded)
