@@ -69,13 +69,16 @@ def test_acceptance_is_read_from_the_test_json_and_from_csv_logs(tmp_path):
     with open(tmp_path / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         header = ["step", "speedup/T0/accept_rate@0", "speedup/T0/accept_rate@1", "speedup/T0/speedup"]
-        header += ["speedup/accept_rate@0", "speedup/T1/accept_rate@0", "train_loss"]
+        header += ["speedup/accept_rate@0", "speedup/T1/accept_rate@0", "train_loss", "val/accept_rate@0"]
         writer.writerow(header)
-        writer.writerow([5, "", "", "", "", "", 2.5])
-        writer.writerow([10, 0.5, 0.2, 0.7, 0.5, 0.3, ""])
+        writer.writerow([5, "", "", "", "", "", 2.5, 0.9])
+        writer.writerow([10, 0.5, 0.2, 0.7, 0.5, 0.3, "", 0.95])
     curves = {c.name: c for c in read_acceptance(tmp_path / "metrics.csv")}
-    assert set(curves) == {"T=0", "T=1"}
+    assert set(curves) == {"T=0", "T=1"}  # the teacher-forced val/ acceptance is not what decoding achieves
     assert curves["T=0"].survival == [0.5, 0.2] and curves["T=0"].measured["speedup"] == 0.7
+    (tmp_path / "fit.csv").write_text("step,train/accept_rate@0,sim/accept_rate@0\n10,0.9,0.8\n")
+    with pytest.raises(ValueError, match="only training-time acceptance"):
+        read_acceptance(tmp_path / "fit.csv")
     with pytest.raises(FileNotFoundError, match="no evaluation results"):
         read_acceptance(tmp_path / "missing.json")
 

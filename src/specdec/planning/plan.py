@@ -112,6 +112,7 @@ def _cost(gpu_hour_price: float | None, tokens_per_second: float) -> float | Non
 
 # ---- reading what an evaluation measured --------------------------------------------------------------------
 MEASURED = ("tau", "speedup", "tokens_per_second", "ar_tokens_per_second", "draft_length")
+DECODED_PREFIXES = ("speedup/", "test/")  # acceptance measured by real decoding (the speedup callback, specdec test)
 _POSITION = re.compile(r"^(?P<prefix>.*)accept_rate@(?P<k>\d+)$")
 
 
@@ -119,7 +120,8 @@ def read_acceptance(path: str | Path, mode: str | None = None) -> list[Acceptanc
     """Acceptance curves from ``speculative_test.json`` or a CSV metrics log (last value of each column).
 
     JSON: one curve per dataset of ``mode`` (default: the evaluation's own mode), ``all`` last. CSV: one curve per
-    metric prefix with ``accept_rate@k`` columns (``test/dataset/gsm8k/``, ``speedup/T1/`` → ``T=1``).
+    metric prefix with ``accept_rate@k`` columns measured by decoding (``test/dataset/gsm8k/``, ``speedup/T1/`` →
+    ``T=1``); training-time acceptance (``train/``, ``val/``, ``sim/``: teacher-forced drafts) is left out.
     """
     path = Path(path)
     if not path.is_file():
@@ -171,8 +173,17 @@ def _from_csv(path: Path) -> list[AcceptanceCurve]:
         match = _POSITION.match(key)
         if match and not math.isnan(value):
             prefixes.setdefault(match.group("prefix"), {})[int(match.group("k"))] = value
+    simulated = sorted(prefix for prefix in prefixes if not prefix.startswith(DECODED_PREFIXES))
+    if simulated and len(simulated) == len(prefixes):
+        raise ValueError(
+            f"{path}: only training-time acceptance ({', '.join(p + 'accept_rate@k' for p in simulated)}), measured "
+            "on teacher-forced drafts rather than by decoding; plan from specdec test's results or a fit with the "
+            "SpeedupEvaluation callback (speedup/…)"
+        )
     curves = []
     for prefix, positions in prefixes.items():
+        if prefix in simulated:
+            continue  # teacher-forced / simulated during training: not what decoding achieves
         if prefix == "speedup/" and any(p.startswith("speedup/T") for p in prefixes):
             continue  # the first temperature repeated without its label
         measured = {name: last[prefix + name] for name in MEASURED if prefix + name in last}
@@ -244,13 +255,17 @@ def plot(rows: Sequence[PlanRow], dataset: str, path: str | Path) -> Path:
     speed.plot(levels, [row.plain_tokens_per_second for row in mine], marker="s", label="plain decoding")
     for row in mine:
         speed.annotate(f"L={row.draft_length}", (row.concurrency, row.tokens_per_second), fontsize=8)
-    speed.set(xlabel="concurrent requests", ylabel="output tokens/s", xscale="log", title=f"{dataset}: throughput")
+    speed.set(xlabel="concurrent requests", ylabel="output tokens/s", title=f"{dataset}: throughput")
     speed.legend()
     for length in sorted(mine[0].speedup_by_length):
         gain.plot(levels, [row.speedup_by_length[length] for row in mine], marker=".", label=f"L={length}")
     gain.axhline(1.0, color="grey", linewidth=0.8)
-    gain.set(xlabel="concurrent requests", ylabel="speedup over plain", xscale="log", title=f"{dataset}: speedup")
+    gain.set(xlabel="concurrent requests", ylabel="speedup over plain", title=f"{dataset}: speedup")
     gain.legend(fontsize=7, ncol=2)
+    for axis in (speed, gain):  # concurrency levels are usually powers of two: label them as they are
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(level) for level in levels])
+        axis.minorticks_off()
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
