@@ -21,6 +21,7 @@ from specdec.data.regeneration.regenerate import (
     SamplingParams,
     failures_path,
     iter_regenerated,
+    padded_token_groups,
     regenerate,
     render_prompt,
 )
@@ -130,13 +131,25 @@ def test_local_batched_greedy_equals_unbatched_and_server(tmp_path, target, url)
     for name, backend in [
         ("batch1", LocalGenerateBackend(target, batch_size=1)),
         ("batch4", LocalGenerateBackend(target, batch_size=4)),
+        ("batch4-by-tokens", LocalGenerateBackend(target, batch_size=4, max_batch_tokens=64)),
         ("server", OpenAIChatBackend([url])),
     ]:
         report = regenerate(conversations, tmp_path / f"{name}.jsonl", backend, GREEDY, progress=False)
         assert report.written == len(conversations)
         answers[name] = {c.key: c.messages for c in iter_regenerated(tmp_path / f"{name}.jsonl")}
-    assert answers["batch4"] == answers["batch1"]
+    assert answers["batch4"] == answers["batch1"] == answers["batch4-by-tokens"]
     assert answers["server"] == answers["batch1"]
+
+
+def test_padded_token_groups_keep_each_forward_within_the_budget():
+    lengths = [5, 514, 6, 7, 3, 3, 30]
+    groups = padded_token_groups(lengths, max_tokens=20)
+    assert sorted(row for group in groups for row in group) == list(range(len(lengths)))
+    for group in groups:
+        longest = max(lengths[row] for row in group)
+        assert len(group) * longest <= 20 or len(group) == 1, group
+    assert groups == [[4, 5, 0], [2, 3], [6], [1]]  # length order: 3, 3, 5 | 6, 7 | 30 | 514
+    assert padded_token_groups(lengths, max_tokens=10_000) == [sorted(range(7), key=lengths.__getitem__)]
 
 
 def test_local_batched_sampling_does_not_depend_on_the_batch(tmp_path, target):

@@ -195,21 +195,44 @@ def generate_completions(
     return completions
 
 
+def padded_token_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Row indices in length order, grouped so that rows × the group's longest length stays within ``max_tokens``
+    (a row longer than that alone in its group)."""
+    groups: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and (len(groups[-1]) + 1) * lengths[row] <= max_tokens:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
 # ------------------------------------------------------------------------------------------------ outcomes
 class LocalGenerateBackend:
-    """The target loaded in this process, answering ``batch_size`` conversations at a time with HF ``generate``."""
+    """The target loaded in this process, answering ``batch_size`` conversations at a time with HF ``generate``.
+
+    A batch is left-padded to its longest prompt, and the prefill's attention grows with rows × length², so one
+    long prompt among short ones would cost as much as a batch of long ones (64 rows padded to 514 tokens:
+    +815 MB on the tiny target). Each turn's prompts are therefore answered in length order, in forwards of at most
+    ``max_batch_tokens`` padded prompt tokens (at least one row each).
+    """
 
     name = "local"
 
-    def __init__(self, target: Target | str, batch_size: int = 8, device: str = "auto") -> None:
+    def __init__(
+        self, target: Target | str, batch_size: int = 8, device: str = "auto", max_batch_tokens: int = 8192
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1; got {max_batch_tokens}")
         if isinstance(target, str):
             from specdec.targets import load_target
 
             target = load_target(target, device=device)
         self.target = target
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
 
     @property
     def model(self) -> str:
@@ -225,7 +248,7 @@ class LocalGenerateBackend:
         walks = [TurnWalk(conversation) for conversation in conversations]
         pending = [(walk, walk.next_prompt()) for walk in walks]
         while pending:
-            ready, prompts, limits = [], [], []
+            ready, prompts, limits, lengths = [], [], [], []
             for walk, messages in pending:
                 if messages is None:
                     yield walk.result()
@@ -244,10 +267,21 @@ class LocalGenerateBackend:
                 ready.append(walk)
                 prompts.append(text)
                 limits.append(min(sampling.max_tokens, context - length))
+                lengths.append(length)
             if not ready:
                 return
             seeds = [sampling.request_seed(walk.conversation.key, walk.turn) for walk in ready]
-            completions = generate_completions(self.target, prompts, sampling, seeds, max_tokens=limits)
+            completions: list[Completion | None] = [None] * len(ready)
+            for rows in padded_token_groups(lengths, self.max_batch_tokens):
+                answered = generate_completions(
+                    self.target,
+                    [prompts[row] for row in rows],
+                    sampling,
+                    [seeds[row] for row in rows],
+                    max_tokens=[limits[row] for row in rows],
+                )
+                for row, completion in zip(rows, answered, strict=True):
+                    completions[row] = completion
             pending = []
             for walk, completion in zip(ready, completions, strict=True):
                 failure = walk.answer(completion)
@@ -543,6 +577,7 @@ def regenerate_command(
     timeout: float = 600.0,
     target: str = "specdec-tiny",
     batch_size: int = 8,
+    max_batch_tokens: int = 8192,
     device: str = "auto",
     temperature: float = 0.7,
     top_p: float = 0.8,
@@ -568,6 +603,8 @@ def regenerate_command(
         timeout: seconds one request may take.
         target: the target for the local backend (``specdec-tiny``, a local HF model directory, or a hub id).
         batch_size: conversations answered together by the local backend.
+        max_batch_tokens: the local backend's cap on padded prompt tokens per forward (rows × longest prompt):
+            long prompts are answered in smaller forwards instead of padding a whole batch to their length.
         device: where the local backend runs: auto, cpu, cuda or cuda:N.
         temperature: sampling temperature; 0 is greedy.
         top_p: nucleus sampling mass (1 disables it).
@@ -606,7 +643,7 @@ def regenerate_command(
             timeout=timeout,
         )
     elif backend == "local":
-        chosen = LocalGenerateBackend(target, batch_size=batch_size, device=device)
+        chosen = LocalGenerateBackend(target, batch_size=batch_size, device=device, max_batch_tokens=max_batch_tokens)
     else:
         raise ValueError(f"unknown backend {backend!r}; expected openai or local")
     imported = ImportSummary()
