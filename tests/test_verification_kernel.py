@@ -16,12 +16,7 @@ run once in a subprocess with ``TRITON_INTERPRET=1`` and report per case. The ``
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import specdec.kernels as kernels
@@ -31,8 +26,8 @@ from specdec.decoding import SpeculativeDecoder, autoregressive_generate, draw, 
 from specdec.decoding.engine import acceptance_test
 from specdec.sampling import residual_distribution
 from tests.helpers import tiny_random_target
+from tests.triton_interpreter import run_checks_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUNDING = 1e-6  # a uniform or threshold this close to its boundary may fall either side of it
 
 
@@ -237,16 +232,7 @@ def interpreted_outcomes() -> dict[str, str | None]:
     """Run every CPU case once in a subprocess with the Triton interpreter switched on."""
     if not kernels.TRITON_AVAILABLE:
         pytest.skip("triton is not installed")
-    code = (
-        "import json, torch\n"
-        "from tests.test_verification_kernel import CASES, DECODER_CASES, run_checks\n"
-        "torch.set_num_threads(1)\n"
-        "print(json.dumps(run_checks('cpu', [*CASES, *DECODER_CASES])))\n"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_checks_interpreted("tests.test_verification_kernel", [*CASES, *DECODER_CASES])
 
 
 @pytest.mark.parametrize("name", [*CASES, *DECODER_CASES])

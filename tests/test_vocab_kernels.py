@@ -7,18 +7,13 @@ variable never reaches the other tests. The ``gpu`` copy runs the same checks co
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 from specdec.kernels import TRITON_AVAILABLE
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import run_checks_interpreted
 
 
 @dataclass(frozen=True)
@@ -107,15 +102,7 @@ def interpreted_outcomes() -> dict[str, str | None]:
     """Run every CPU case once in a subprocess with the Triton interpreter switched on."""
     if not TRITON_AVAILABLE:
         pytest.skip("triton is not installed")
-    code = (
-        "import json, sys\n"
-        "from tests.test_vocab_kernels import CASES, run_checks\n"
-        "print(json.dumps(run_checks('cpu', list(CASES))))\n"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_checks_interpreted("tests.test_vocab_kernels", list(CASES))
 
 
 @pytest.mark.parametrize("name", list(CASES))
