@@ -259,6 +259,7 @@ class SpeculativeDecoder:
         # auto on CUDA: decided by timing both paths at the first round verified during warm_up
         self._verification_undecided = verification == "auto" and self._kernel_acceptance is not None
         self._warming_up = False
+        self._rows_warmed: set[int] = set()  # batch sizes whose row buckets the warm-up has compiled
         self.verification_seconds: dict[str, float] = {}  # median per path where auto timed them
 
     @property
@@ -436,12 +437,13 @@ class SpeculativeDecoder:
         bucket below ``batch`` (the warm-up's rows all run to the end; real rows finish one after another)."""
         if self._verification_undecided:
             self._choose_verification(inputs, batch)
-        if self.verification_path != "reference" or not self._acceptance.compiled:
+        if self.verification_path != "reference" or not self._acceptance.compiled or batch in self._rows_warmed:
             return
         rows = 1
         while rows < min(batch, inputs[0].shape[0]):
             self._acceptance(*self._padded(tuple(value[:rows] for value in inputs[:6]) + inputs[6:], batch))
             rows *= 2
+        self._rows_warmed.add(batch)  # every later round of the warm-up would meet the same graphs
 
     def _choose_verification(self, inputs: tuple[torch.Tensor, ...], batch: int) -> None:
         """Time the reference and the kernel on this round's rows at the widest round's width (what the compiled

@@ -111,10 +111,11 @@ def plan_speedup(
     curves = read_acceptance(results, mode)
     latency = LatencyProfile.load(profile)
     rows = plan(curves, latency, levels, gpu_hour_price=gpu_hour_price, max_draft_tokens=max_draft_tokens)
-    if latency.by_concurrency and max(levels) > max(latency.target_forward_ms):
-        beyond = [level for level in levels if level > max(latency.target_forward_ms)]
+    profiled = sorted(latency.target_forward_ms) if latency.by_concurrency else []
+    beyond = [level for level in levels if profiled and level > profiled[-1]]
+    if beyond:
         print(
-            f"note: concurrency {beyond} beyond the profiled levels {sorted(latency.target_forward_ms)}: their forward "
+            f"note: concurrency {beyond} beyond the profiled levels {profiled}: their forward "
             "costs grow in proportion to the rows (a compute-bound step); profile them for measured figures",
             file=sys.stderr,
         )
